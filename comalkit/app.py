@@ -1,0 +1,39 @@
+"""The Hydra application: compose ``conf/``, validate, run the selected task, write the summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from comalkit.outputs import Run
+from comalkit.registry import instantiate, validate
+
+log = logging.getLogger("comalkit")
+
+
+def execute(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job of the composed config and return its summary (also written to ``summary.json``)."""
+    validate(cfg)
+    out_dir = HydraConfig.get().runtime.output_dir
+    loggers = [instantiate(cfg.logger)] if cfg.get("logger") is not None else []
+    for logger in loggers:
+        logger.start(out_dir, OmegaConf.to_container(cfg, resolve=True))
+    run = Run(out_dir, loggers)
+    task = instantiate(cfg.task)
+    summary = task.run(cfg, run)
+    path = run.finish(summary)
+    log.info("results: %s", os.path.abspath(path))
+    print(f"comalkit: results in {os.path.abspath(out_dir)} (summary: {path.name})", flush=True)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def hydra_main(cfg: DictConfig) -> float | None:
+    summary = execute(cfg)
+    objective = summary.get("objective")  # lets sweepers minimise one number
+    return float(objective) if isinstance(objective, (int, float)) else None

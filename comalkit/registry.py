@@ -1,0 +1,241 @@
+"""Names -> implementations, for every config group, filled through entry points.
+
+A plugin is a dataclass whose fields are its hyper-parameters. Registering it with
+``@plugin("solver", "dpo")`` does three things:
+
+* the class becomes selectable as ``solver=dpo``;
+* a Hydra schema (the same fields plus ``_target_``) is stored in the ConfigStore, so a
+  wrong type fails at composition time;
+* its import path joins the allow-list that :func:`instantiate` enforces (Hydra 1.4 will
+  require one), so a config can never instantiate an arbitrary callable.
+
+Range checks live in field metadata (see :func:`param`) and run in :func:`validate`
+before any work starts. Built-in plugins are registered by the package
+``comalkit_plugins`` through the entry-point group ``comalkit.plugins``, exactly as a
+third-party package would register its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+ENTRY_POINT_GROUP = "comalkit.plugins"
+#: The config groups whose options are plugins. ``trainer`` and ``experiment`` are plain YAML.
+PLUGIN_GROUPS = ("task", "solver", "oracle", "reference", "model", "data", "logger", "game", "pairs")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def param(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    choices: Iterable[Any] | None = None,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A dataclass field with a help text and range limits checked by :func:`validate`."""
+    meta = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    meta["choices"] = tuple(choices) if choices is not None else None
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def closest(name: str, options: Iterable[str]) -> str:
+    """A 'did you mean' hint for ``name`` among ``options`` (empty when nothing is close)."""
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+class Registry:
+    """Config group -> option name -> plugin class."""
+
+    def __init__(self) -> None:
+        self._plugins: dict[str, dict[str, type]] = {g: {} for g in PLUGIN_GROUPS}
+        self._extra_targets: set[str] = set()
+        self.loaded_entry_points: list[str] = []
+
+    # -- registration -------------------------------------------------------------------------
+    def add(self, group: str, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator: register ``cls`` as option ``name`` of config group ``group``."""
+        if group not in self._plugins:
+            raise ConfigError(f"unknown plugin group '{group}'.{closest(group, self._plugins)}")
+
+        def decorator(cls: type[T]) -> type[T]:
+            if not dataclasses.is_dataclass(cls):
+                raise TypeError(f"plugin {_qualname(cls)} must be a dataclass of its hyper-parameters")
+            known = self._plugins[group].get(name)
+            if known is not None and _qualname(known) != _qualname(cls):
+                raise ConfigError(f"{group}={name} is registered twice: {_qualname(known)} and {_qualname(cls)}")
+            self._plugins[group][name] = cls
+            return cls
+
+        return decorator
+
+    def allow_target(self, target: str | Callable[..., Any]) -> None:
+        """Allow a non-plugin ``_target_`` (for example an optimizer class) in :func:`instantiate`."""
+        self._extra_targets.add(target if isinstance(target, str) else _qualname(target))
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def names(self, group: str) -> list[str]:
+        return sorted(self._plugins.get(group, {}))
+
+    def get(self, group: str, name: str) -> type:
+        options = self._plugins.get(group)
+        if options is None:
+            raise ConfigError(f"unknown plugin group '{group}'.{closest(group, self._plugins)}")
+        if name not in options:
+            raise ConfigError(
+                f"unknown {group} '{name}'. Available {group} options: {', '.join(self.names(group)) or '(none)'}."
+                + closest(name, options)
+            )
+        return options[name]
+
+    def allowed_targets(self) -> set[str]:
+        plugin_targets = {_qualname(c) for opts in self._plugins.values() for c in opts.values()}
+        return plugin_targets | self._extra_targets
+
+    def schema(self, group: str, name: str) -> type:
+        """The Hydra schema of a plugin: its own fields plus ``_target_``."""
+        cls = self.get(group, name)
+        target = dataclasses.field(default=_qualname(cls))
+        fields = [("_target_", str, target)]
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            spec = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+            fields.append((f.name, f.type, spec))
+        return dataclasses.make_dataclass(f"{cls.__name__}Config", fields, module=cls.__module__)
+
+    def store(self) -> None:
+        """Put every plugin's schema into Hydra's ConfigStore as ``group/name``."""
+        from hydra.core.config_store import ConfigStore
+
+        cs = ConfigStore.instance()
+        for group, options in self._plugins.items():
+            for name in options:
+                cs.store(group=group, name=name, node=self.schema(group, name))
+
+    # -- entry points ---------------------------------------------------------------------------
+    def load_entry_points(self) -> None:
+        """Load every ``comalkit.plugins`` entry point once.
+
+        An entry point may name a module or package (importing it runs its ``@plugin``
+        decorators; a package's submodules are imported too) or a callable that takes the
+        registry.
+        """
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.value in self.loaded_entry_points:
+                continue
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken third-party plugin must say which one it is
+                raise ImportError(f"comalkit plugin entry point '{ep.name} = {ep.value}' failed to load: {exc}") from exc
+            if isinstance(obj, ModuleType):
+                import_submodules(obj)
+            elif callable(obj):
+                obj(self)
+            self.loaded_entry_points.append(ep.value)
+
+
+def import_submodules(package: ModuleType) -> None:
+    """Import every submodule of ``package`` so that its ``@plugin`` decorators run."""
+    for info in pkgutil.walk_packages(getattr(package, "__path__", []), prefix=package.__name__ + "."):
+        importlib.import_module(info.name)
+
+
+registry = Registry()
+
+
+def plugin(group: str, name: str) -> Callable[[type[T]], type[T]]:
+    """Register a dataclass as option ``name`` of config group ``group`` (see :class:`Registry`)."""
+    return registry.add(group, name)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """Build an object from a config node, allowing only registered targets."""
+    from hydra.utils import instantiate as hydra_instantiate
+
+    target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+    if target is None:
+        raise ConfigError(f"config node has no _target_: {OmegaConf.to_yaml(node) if isinstance(node, DictConfig) else node}")
+    allowed = registry.allowed_targets()
+    if target not in allowed:
+        raise ConfigError(
+            f"_target_ '{target}' is not a registered comalkit plugin; register it with @plugin or "
+            f"registry.allow_target().{closest(target, allowed)}"
+        )
+    return hydra_instantiate(node, _convert_="all", **kwargs)
+
+
+def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}={value!r}: expected one of {list(choices)}.{closest(str(value), map(str, choices))}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    limits = (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+              ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<="))  # fmt: skip
+    for name, ok, sign in limits:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{key}={value!r}: expected a value {sign} {bound}.")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every plugin group's values against its fields' range limits; raise ConfigError."""
+    choices = _hydra_choices()
+    for group in PLUGIN_GROUPS:
+        node = cfg.get(group)
+        if node is None or not isinstance(node, DictConfig):
+            continue
+        target = node.get("_target_")
+        cls = next((c for c in registry._plugins[group].values() if _qualname(c) == target), None)
+        if cls is None:
+            chosen = choices.get(group, "?")
+            raise ConfigError(f"{group}={chosen} has no registered _target_ (got {target!r}).")
+        _validate_dataclass(group, cls, node)
+
+
+def _validate_dataclass(prefix: str, cls: type, node: DictConfig) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name not in node:
+            continue
+        value = node[f.name]
+        key = f"{prefix}.{f.name}"
+        if isinstance(value, DictConfig) and isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            _validate_dataclass(key, f.default_factory, value)
+        elif f.metadata:
+            _check_value(key, value, dict(f.metadata))
+
+
+def _hydra_choices() -> dict[str, str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return dict(HydraConfig.get().runtime.choices)
+    except Exception:
+        return {}

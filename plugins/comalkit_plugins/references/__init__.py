@@ -1,0 +1,1 @@
+"""Reference updaters: how the reference policy μ moves between subgames."""
