@@ -79,6 +79,8 @@ class SubgameSolver(ABC):
     needs_reference: bool = True
     needs_last_iterate: bool = False
     needs_win_probs: bool = False
+    #: False for game-only methods (extragradient, Nash-MD) whose update needs exact expectations
+    language_model: bool = True
 
     @abstractmethod
     def loss(self, batch: PairLogps) -> LossOutput:
