@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import hydra
@@ -11,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from comalkit.outputs import Run
-from comalkit.registry import instantiate, validate
+from comalkit.registry import ConfigError, instantiate, validate
 
 log = logging.getLogger("comalkit")
 
@@ -32,8 +33,24 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def config_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``exc`` (Hydra wraps errors raised while instantiating), if any."""
+    while exc is not None:
+        if isinstance(exc, ConfigError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    summary = execute(cfg)
+    try:
+        summary = execute(cfg)
+    except Exception as exc:
+        error = config_error(exc)
+        if error is None:
+            raise
+        print(f"comalkit: config error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     objective = summary.get("objective")  # lets sweepers minimise one number
     return float(objective) if isinstance(objective, (int, float)) else None
