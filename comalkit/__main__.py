@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-
+from comalkit.app import CONF_DIR
 from comalkit.registry import closest, registry
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def load_plugins() -> None:

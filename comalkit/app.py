@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -15,12 +16,14 @@ from comalkit.outputs import Run
 from comalkit.registry import ConfigError, instantiate, validate
 
 log = logging.getLogger("comalkit")
+#: conf/ at the repository root (the project is installed editable, see the Makefile)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def execute(cfg: DictConfig) -> dict[str, Any]:
+def execute(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     """Run one job of the composed config and return its summary (also written to ``summary.json``)."""
     validate(cfg)
-    out_dir = HydraConfig.get().runtime.output_dir
+    out_dir = out_dir or HydraConfig.get().runtime.output_dir
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") is not None else []
     for logger in loggers:
         logger.start(out_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -42,7 +45,7 @@ def config_error(exc: BaseException) -> ConfigError | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = execute(cfg)

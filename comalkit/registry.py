@@ -126,7 +126,9 @@ class Registry:
                 continue
             spec = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
             fields.append((f.name, f.type, spec))
-        return dataclasses.make_dataclass(f"{cls.__name__}Config", fields, module=cls.__module__)
+        schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+        schema.__module__ = cls.__module__  # so string annotations resolve in the plugin's module
+        return schema
 
     def store(self) -> None:
         """Put every plugin's schema into Hydra's ConfigStore as ``group/name``."""
@@ -222,7 +224,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_dataclass(prefix: str, cls: type, node: DictConfig) -> None:
     for f in dataclasses.fields(cls):
-        if f.name not in node:
+        if f.name not in node or OmegaConf.is_missing(node, f.name):
             continue
         value = node[f.name]
         key = f"{prefix}.{f.name}"
