@@ -1,0 +1,81 @@
+"""Task ``online``: the COMAL meta-loop on a language model (``python -m comalkit``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from comalkit.interfaces import RunContext, Task
+from comalkit.registry import ConfigError, instantiate, param, plugin
+
+log = logging.getLogger("comalkit")
+
+
+@plugin("task", "online")
+@dataclass
+class OnlineTask(Task):
+    """Online iterations: sample from the policy, judge, build pairs, fit the solver, move the reference.
+
+    COMAL is ``solver=inpo reference=prox`` (the default); iterated IPO is ``solver=iter_ipo
+    reference=prox reference.period=1``; INPO is ``reference=fixed``. The run resumes from its
+    directory when rerun (see comalkit/loop.py).
+    """
+
+    iterations: int = param(3, ge=1, help="inner iterations in total (rounds = iterations / reference.period)")
+    samples_per_prompt: int = param(4, ge=2, help="responses sampled per prompt (the paper: 5)")
+    temperature: float = param(0.8, gt=0.0, help="sampling temperature (the paper: 0.8)")
+    top_p: float = param(0.95, gt=0.0, le=1.0, help="nucleus sampling (the paper: 0.95)")
+    max_new_tokens: int = param(48, ge=1, help="response length limit")
+    sample_batch_size: int = param(16, ge=1, help="sequences per generate call")
+    logp_batch_size: int = param(8, ge=1, help="sequences per log-prob forward pass")
+    eval_prompts: int = param(8, ge=0, help="held-out prompts for per-iteration win rates (0: skip)")
+
+    def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
+        from comalkit.evaluate import win_rate
+        from comalkit.loop import LoopSettings, MetaLoop
+        from comalkit.oracle_cache import CachedOracle
+        from comalkit.pairing import check_compatible
+        from comalkit.training import fit, precompute_logps
+
+        solver = instantiate(cfg.solver)
+        if not solver.language_model:
+            raise ConfigError(f"solver={_choice('solver')} runs on exact games only (experiment=synthetic); "
+                              "choose a language-model solver such as dpo, ipo, sppo, inpo or mpo")  # fmt: skip
+        pair_builder = instantiate(cfg.pairs)
+        check_compatible(solver, pair_builder)
+        prompts = instantiate(cfg.data)  # validates the prompt file and split sizes eagerly
+        reference_updater = instantiate(cfg.reference)
+        oracle = CachedOracle(instantiate(cfg.oracle), run.out_dir / "oracle_cache.sqlite")
+        policy = instantiate(cfg.model).build()
+        settings = LoopSettings(
+            iterations=self.iterations, samples_per_prompt=self.samples_per_prompt, temperature=self.temperature,
+            top_p=self.top_p, max_new_tokens=self.max_new_tokens, sample_batch_size=self.sample_batch_size,
+            logp_batch_size=self.logp_batch_size, eval_prompts=self.eval_prompts, seed=int(cfg.seed),
+        )  # fmt: skip
+
+        def fit_solver(policy: Any, solver: Any, records: list[dict[str, Any]], out_dir: Any) -> dict[str, Any]:
+            return fit(policy, solver, records, cfg.trainer, out_dir)
+
+        loop = MetaLoop(
+            policy=policy, solver=solver, oracle=oracle, reference_updater=reference_updater, prompts=prompts,
+            pair_builder=pair_builder, settings=settings, fit=fit_solver, precompute=precompute_logps,
+            win_rate=win_rate, run=run,
+        )  # fmt: skip
+        try:
+            summary = loop.execute()
+        finally:
+            oracle.close()
+        summary["oracle"] = oracle.diagnostics() if hasattr(oracle, "diagnostics") else {}
+        return summary
+
+
+def _choice(group: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get(group, "?")
+    except Exception:
+        return "?"
