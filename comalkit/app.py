@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import hashlib
+import re
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -20,6 +23,18 @@ log = logging.getLogger("comalkit")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def run_name(override_dirname: str) -> str:
+    """The run directory name for a command line: the same command maps to the same directory,
+    so rerunning a killed command resumes it. ``default`` when there are no overrides."""
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", override_dirname).strip("_") or "default"
+    if len(name) > 100:
+        name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+
 def execute(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     """Run one job of the composed config and return its summary (also written to ``summary.json``)."""
     validate(cfg)
@@ -27,8 +42,11 @@ def execute(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") is not None else []
     for logger in loggers:
         logger.start(out_dir, OmegaConf.to_container(cfg, resolve=True))
-    run = Run(out_dir, loggers)
     task = instantiate(cfg.task)
+    metrics_file = Path(out_dir) / "metrics.jsonl"
+    if not task.resumable and metrics_file.exists():
+        metrics_file.unlink()  # a rerun of a non-resumable task starts its metrics afresh
+    run = Run(out_dir, loggers)
     summary = task.run(cfg, run)
     path = run.finish(summary)
     log.info("results: %s", os.path.abspath(path))

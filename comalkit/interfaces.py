@@ -168,6 +168,9 @@ class PreferenceOracle(ABC):
 class Task(ABC):
     """A runnable job selected by ``task=<name>`` (usually through ``experiment=<name>``)."""
 
+    #: True if rerunning into the same directory continues the run (metrics.jsonl is kept)
+    resumable: bool = False
+
     @abstractmethod
     def run(self, cfg: Any, run: RunContext) -> dict[str, Any]:
         """Do the work; return the final metrics that go into ``summary.json``."""

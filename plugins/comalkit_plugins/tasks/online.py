@@ -24,6 +24,8 @@ class OnlineTask(Task):
     directory when rerun (see comalkit/loop.py).
     """
 
+    resumable = True
+
     iterations: int = param(3, ge=1, help="inner iterations in total (rounds = iterations / reference.period)")
     samples_per_prompt: int = param(4, ge=2, help="responses sampled per prompt (the paper: 5)")
     temperature: float = param(0.8, gt=0.0, help="sampling temperature (the paper: 0.8)")
