@@ -1,0 +1,305 @@
+"""Prompts for the online loop: read any local prompt file, cut it into fixed training splits.
+
+COMAL's public code cuts its prompt set into 6 fixed splits and gives iteration ``k`` the
+split ``k mod 6``, so that each subgame sees fresh prompts and a long run cycles through the
+data. :class:`PromptSource` is that contract (``split(k)``, ``num_splits``,
+``eval_prompts()``); :class:`SplitPrompts` implements it on top of :func:`make_splits`, and
+the ``data`` plugins only decide where the prompts come from.
+
+Every check runs when a source is built, so a bad file or an impossible split fails before
+the first response is sampled, with a message that names the file (and line) and the setting
+to change.
+
+Prompts are single-turn user messages (plain strings). A chat-message row is accepted and
+reduced to its one user turn: system messages and trailing assistant turns are dropped, and a
+multi-turn conversation is an error rather than silently truncated context.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: file suffixes read as JSON (lines, or one array), plain text (one prompt per line) or parquet
+JSON_SUFFIXES = (".jsonl", ".json")
+TEXT_SUFFIXES = (".txt",)
+PARQUET_SUFFIXES = (".parquet",)
+
+
+class PromptDataError(ValueError):
+    """A prompt file is missing, malformed, empty, or too small for the requested splits."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract the loop uses
+# ---------------------------------------------------------------------------------------------
+class PromptSource(ABC):
+    """Where the online loop's prompts come from (the ``data`` group in online mode).
+
+    ``split(k)`` is the prompt list of iteration ``k`` (``k`` ≥ 0, cycling through
+    ``num_splits`` fixed splits); ``eval_prompts()`` is a held-out list that never appears in
+    a training split (it may be empty when the source has none).
+    """
+
+    num_splits: int
+
+    @abstractmethod
+    def split(self, k: int) -> list[str]:
+        """The prompts of iteration ``k``: split ``k mod num_splits``."""
+
+    @abstractmethod
+    def eval_prompts(self) -> list[str]:
+        """Held-out prompts for evaluation; ``[]`` when the source has none."""
+
+
+@dataclass
+class LoadedPrompts:
+    """Prompts read from one source, with where they came from and how many rows were skipped."""
+
+    prompts: list[str]
+    origin: str
+    skipped_empty: int = 0
+
+
+class SplitPrompts(PromptSource):
+    """A :class:`PromptSource` over precomputed splits; plugins call :meth:`_set_splits` once."""
+
+    _splits: list[list[str]]
+    _eval: list[str]
+    _unused: int
+
+    def _set_splits(self, splits: list[list[str]], held_out: list[str], unused: int = 0) -> None:
+        self._splits, self._eval, self._unused = splits, held_out, unused
+        self.num_splits = len(splits)
+
+    def split(self, k: int) -> list[str]:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"split index must be an int >= 0, got {k!r}")
+        return list(self._splits[k % self.num_splits])
+
+    def eval_prompts(self) -> list[str]:
+        return list(self._eval)
+
+    def describe(self) -> dict[str, int]:
+        """Counts for logs and summaries."""
+        return {
+            "num_splits": self.num_splits,
+            "split_size": len(self._splits[0]),
+            "train_prompts": sum(len(s) for s in self._splits),
+            "eval_prompts": len(self._eval),
+            "unused_prompts": self._unused,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting
+# ---------------------------------------------------------------------------------------------
+def make_splits(
+    prompts: Sequence[str],
+    *,
+    split_size: int | None,
+    num_splits: int | None,
+    origin: str,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> tuple[list[list[str]], int]:
+    """Cut ``prompts`` into equal training splits; return ``(splits, number of prompts left over)``.
+
+    ``split_size`` prompts per split and ``num_splits`` splits; either may be ``None``: it is
+    then derived from the other (as many full splits as fit, or an equal share of the data),
+    and both ``None`` gives one split of everything. A remainder that fills no whole split is
+    left unused, so every iteration costs the same. ``origin`` names the data in errors.
+    """
+    n = len(prompts)
+    for key, value in (("split_size", split_size), ("num_splits", num_splits)):
+        if value is not None and value < 1:
+            raise PromptDataError(f"data.{key}={value}: expected a value >= 1")
+    if split_size is not None and split_size > n:
+        raise PromptDataError(
+            f"split_size={split_size} but only {n} prompts in {origin}: lower data.split_size"
+        )
+    if num_splits is not None and num_splits > n:
+        raise PromptDataError(
+            f"num_splits={num_splits} but only {n} prompts in {origin}: lower data.num_splits"
+        )
+    if split_size is None:
+        split_size = n // (num_splits or 1)
+    if num_splits is None:
+        num_splits = n // split_size
+    if split_size * num_splits > n:
+        raise PromptDataError(
+            f"split_size={split_size} x num_splits={num_splits} needs {split_size * num_splits} prompts but "
+            f"{origin} has {n}: lower data.split_size or data.num_splits"
+        )
+    order = list(prompts)
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    splits = [order[i * split_size : (i + 1) * split_size] for i in range(num_splits)]
+    return splits, n - split_size * num_splits
+
+
+def take(prompts: Sequence[str], size: int | None, origin: str, key: str = "eval_size") -> list[str]:
+    """The first ``size`` prompts (all when ``None``), with an error naming ``key`` when there are too few."""
+    if size is None:
+        return list(prompts)
+    if size < 0:
+        raise PromptDataError(f"data.{key}={size}: expected a value >= 0")
+    if size > len(prompts):
+        raise PromptDataError(f"{key}={size} but only {len(prompts)} prompts in {origin}: lower data.{key}")
+    return list(prompts[:size])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------
+def read_prompts(path: str | Path, field: str = "prompt", dataset_split: str = "train") -> LoadedPrompts:
+    """Read the prompts of a local file or ``datasets`` directory; raise :class:`PromptDataError`.
+
+    Formats: JSON lines (``.jsonl``/``.json``; rows are objects holding ``field``, or bare
+    strings), a JSON array (``.json``), plain text (``.txt``, one prompt per line), parquet, or
+    a directory written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` uses
+    ``dataset_split``). Each value is a string or a chat-message list (see the module
+    docstring). Empty prompts are skipped and counted; a source with none left is an error.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        hint = "" if path.parent.is_dir() else f" (the directory {path.parent} does not exist either)"
+        raise PromptDataError(f"prompt file not found: {path}{hint}")
+    if path.is_dir():
+        rows = _dataset_rows(path, field, dataset_split)
+    elif path.suffix.lower() in PARQUET_SUFFIXES:
+        rows = _parquet_rows(path, field)
+    elif path.suffix.lower() in JSON_SUFFIXES:
+        rows = _json_rows(path, field)
+    elif path.suffix.lower() in TEXT_SUFFIXES:
+        rows = (
+            (f"{path}:{i}", line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        )
+    else:
+        known = JSON_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES
+        raise PromptDataError(
+            f"{path}: unsupported format '{path.suffix}'; expected one of {list(known)} or a directory"
+        )
+    prompts, empty = [], 0
+    for where, value in rows:
+        text = prompt_text(value, where, field)
+        if text is None:
+            empty += 1
+        else:
+            prompts.append(text)
+    if not prompts:
+        detail = f"all {empty} rows are empty" if empty else "the file holds no rows"
+        raise PromptDataError(f"no usable prompts in {path}: {detail}")
+    return LoadedPrompts(prompts, str(path), empty)
+
+
+def prompt_text(value: Any, where: str, field: str = "prompt") -> str | None:
+    """One prompt value -> its text, or ``None`` when it is empty; ``where`` names it in errors."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, (list, tuple)):
+        return _user_turn(list(value), where, field)
+    raise PromptDataError(
+        f"{where}: '{field}' must be a string or a list of chat messages, got {type(value).__name__} {value!r:.60}"
+    )
+
+
+def _user_turn(messages: list[Any], where: str, field: str) -> str | None:
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise PromptDataError(
+                f"{where}: '{field}' holds {m!r:.60}; expected messages like {{'role': ..., 'content': ...}}"
+            )
+    while messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]  # a conversation with its reply: the prompt is what precedes it
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns:
+        return None
+    if len(turns) > 1 or turns[0]["role"] != "user":
+        roles = [m["role"] for m in messages]
+        raise PromptDataError(
+            f"{where}: '{field}' is a multi-turn conversation (roles {roles}); prompts must be a single user turn"
+        )
+    return turns[0]["content"].strip() or None
+
+
+def _json_rows(path: Path, field: str) -> Iterator[tuple[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PromptDataError(
+                f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        located = ((f"{path}: item {i}", item) for i, item in enumerate(items))
+    else:
+        located = _json_lines(path, text)
+    for where, row in located:
+        yield where, _field(row, field, where)
+
+
+def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptDataError(
+                f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+
+
+def _field(row: Any, field: str, where: str) -> Any:
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        raise PromptDataError(
+            f"{where}: expected an object with a '{field}' key or a string, got {type(row).__name__}"
+        )
+    if field not in row:
+        raise PromptDataError(
+            f"{where}: no '{field}' key (keys: {', '.join(map(str, row)) or 'none'}); set data.field"
+        )
+    return row[field]
+
+
+def _parquet_rows(path: Path, field: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as exc:  # pyarrow's errors do not name the file
+        raise PromptDataError(f"{path}: could not be read as parquet: {exc}") from exc
+    if field not in names:
+        raise PromptDataError(f"{path}: no '{field}' column (columns: {', '.join(names)}); set data.field")
+    values = pq.read_table(path, columns=[field]).column(field).to_pylist()
+    return ((f"{path}: row {i}", v) for i, v in enumerate(values))
+
+
+def _dataset_rows(path: Path, field: str, dataset_split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise PromptDataError(f"{path}: not a directory written by datasets' save_to_disk ({exc})") from exc
+    if isinstance(data, datasets.DatasetDict):
+        if dataset_split not in data:
+            raise PromptDataError(
+                f"{path}: no split '{dataset_split}' (splits: {', '.join(data)}); set data.dataset_split"
+            )
+        data = data[dataset_split]
+    if field not in data.column_names:
+        raise PromptDataError(
+            f"{path}: no '{field}' column (columns: {', '.join(data.column_names)}); set data.field"
+        )
+    return ((f"{path}: row {i}", v) for i, v in enumerate(data[field]))
