@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import importlib
 import pkgutil
+import typing
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from types import ModuleType
@@ -121,11 +122,12 @@ class Registry:
         cls = self.get(group, name)
         target = dataclasses.field(default=_qualname(cls))
         fields = [("_target_", str, target)]
+        hints = typing.get_type_hints(cls)  # resolves inherited string annotations in their own modules
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
             spec = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
-            fields.append((f.name, f.type, spec))
+            fields.append((f.name, hints.get(f.name, f.type), spec))
         schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
         schema.__module__ = cls.__module__  # so string annotations resolve in the plugin's module
         return schema
