@@ -1,0 +1,482 @@
+"""Training a language-model policy on preference pairs with any solver, under a real ``lightning.Trainer``.
+
+One :class:`PreferenceModule` serves every solver: it tokenises pairs, runs chosen and
+rejected responses through the policy in one concatenated forward pass, hands the summed
+log-probs to ``solver.loss`` and logs TRL's metric names (``loss``, ``rewards/chosen``,
+``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ...), so runs compare with
+TRL's DPOTrainer. The frozen log-probs a solver reads (last iterate π_t, reference μ) are
+computed once beforehand by :func:`precompute_logps`, so training holds a single model.
+
+:func:`fit` builds the ``lightning.Trainer`` from the ``trainer`` config group
+(``conf/trainer/*.yaml``, schema :class:`TrainerConfig`) and forwards every logged step to
+the run's ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from comalkit.interfaces import PairLogps, RunContext, Snapshot, SubgameSolver
+from comalkit.preference_data import PreferenceRecord
+from comalkit.registry import ConfigError, instantiate, registry
+
+log = logging.getLogger("comalkit")
+
+#: optimizers a ``trainer.optimizer._target_`` may name (built as partials over the trainable parameters)
+OPTIMIZERS = ("torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD")
+for _target in OPTIMIZERS:
+    registry.allow_target(_target)
+
+#: the frozen inputs a solver may read, as (flag on the solver, prefix of the record keys)
+FROZEN = (("needs_last_iterate", "last"), ("needs_reference", "ref"))
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config schema of the ``trainer`` group
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: linear warm-up, then constant, linear decay to 0, or cosine to 0."""
+
+    name: str = "linear"
+    warmup_steps: int = 0  # wins over warmup_ratio when > 0
+    warmup_ratio: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    """Lightning checkpoints (trainable weights + optimizer state) under ``<out_dir>/<dirname>``."""
+
+    enabled: bool = False
+    every_n_train_steps: int | None = None  # None: at the end of every epoch
+    save_last: bool = True
+    dirname: str = "checkpoints"
+
+
+@dataclass
+class TrainerConfig:
+    """Everything :func:`fit` reads; ``conf/trainer/*.yaml`` set these keys (unknown keys are errors)."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: int = 1
+    max_steps: int = -1  # -1: no limit beyond max_epochs
+    batch_size: int = 4  # preference pairs per micro-batch (2x sequences)
+    eval_batch_size: int = 8
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    lr: float = 5.0e-5
+    optimizer: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.0}
+    )
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval_every_n_steps: int | None = (
+        None  # held-out metrics during training too (always at the start and end)
+    )
+    log_every_n_steps: int = 1
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = False
+    logps_batch_size: int = 8  # sequences per no-grad forward when precomputing frozen log-probs
+    shuffle: bool = True
+    seed: int = 0
+
+
+def trainer_config(cfg: Mapping[str, Any] | DictConfig | TrainerConfig | None) -> TrainerConfig:
+    """Validate a ``trainer`` config node against :class:`TrainerConfig`; raise :class:`ConfigError`."""
+    if isinstance(cfg, TrainerConfig):
+        return cfg
+    schema = OmegaConf.structured(TrainerConfig)
+    try:
+        if isinstance(cfg, DictConfig):  # resolve against the full config (e.g. ``seed: ${seed}``)
+            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        merged = OmegaConf.merge(schema, cfg or {})
+        tc: TrainerConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"trainer config: {exc}".replace("\n", " ")) from None
+    checks = [
+        (tc.precision in PRECISIONS, f"trainer.precision={tc.precision!r}: expected one of {list(PRECISIONS)}"),
+        (tc.scheduler.name in SCHEDULES, f"trainer.scheduler.name={tc.scheduler.name!r}: expected one of {list(SCHEDULES)}"),
+        (tc.lr > 0, f"trainer.lr={tc.lr}: expected a value > 0"),
+        (tc.batch_size >= 1, f"trainer.batch_size={tc.batch_size}: expected a value >= 1"),
+        (tc.eval_batch_size >= 1, f"trainer.eval_batch_size={tc.eval_batch_size}: expected a value >= 1"),
+        (tc.accumulate_grad_batches >= 1, f"trainer.accumulate_grad_batches={tc.accumulate_grad_batches}: expected >= 1"),
+        (tc.max_epochs >= 1 or tc.max_steps > 0, "trainer: set max_epochs >= 1 or max_steps > 0"),
+        (tc.max_steps == -1 or tc.max_steps > 0, f"trainer.max_steps={tc.max_steps}: expected -1 (no limit) or > 0"),
+        (0.0 <= tc.scheduler.warmup_ratio < 1.0, f"trainer.scheduler.warmup_ratio={tc.scheduler.warmup_ratio}: expected [0, 1)"),
+        (tc.scheduler.warmup_steps >= 0, f"trainer.scheduler.warmup_steps={tc.scheduler.warmup_steps}: expected >= 0"),
+        (tc.gradient_clip_val is None or tc.gradient_clip_val > 0, f"trainer.gradient_clip_val={tc.gradient_clip_val}: expected > 0 or null"),
+        (tc.logps_batch_size >= 1, f"trainer.logps_batch_size={tc.logps_batch_size}: expected >= 1"),
+        (tc.optimizer.get("_target_") in OPTIMIZERS, f"trainer.optimizer._target_={tc.optimizer.get('_target_')!r}: expected one of {list(OPTIMIZERS)}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return tc
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and frozen log-probs
+# ---------------------------------------------------------------------------------------------
+def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[Any]:
+    """The autocast context Lightning uses for ``precision`` (so frozen and trained log-probs agree)."""
+    device_type = torch.device(device).type
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+    if precision == "16-mixed":
+        return torch.autocast(device_type, dtype=torch.float16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def required_keys(solver: SubgameSolver) -> list[str]:
+    """The record keys a solver's loss reads beyond prompt/chosen/rejected."""
+    keys = [
+        f"{prefix}_{side}"
+        for flag, prefix in FROZEN
+        if getattr(solver, flag)
+        for side in ("chosen", "rejected")
+    ]
+    if solver.needs_win_probs:
+        keys += ["chosen_winprob", "rejected_winprob"]
+    return keys
+
+
+def precompute_logps(
+    policy: Any,
+    records: Sequence[PreferenceRecord],
+    solver: SubgameSolver,
+    last: Snapshot | None = None,
+    reference: Snapshot | None = None,
+    batch_size: int = 8,
+    precision: str = "32-true",
+) -> list[PreferenceRecord]:
+    """Copies of ``records`` with the frozen summed log-probs ``solver`` needs (``last_*``, ``ref_*``).
+
+    Each snapshot is evaluated once, without gradients, swapped into the policy
+    (``policy.logps(..., snapshot=)`` uses ``policy.using``); ``None`` means the policy's current weights, and a snapshot passed
+    as both ``last`` and ``reference`` is evaluated once. ``precision`` should be the
+    trainer's, so that at step 0 the policy's log-probs equal the frozen ones.
+    """
+    out: list[PreferenceRecord] = [dict(r) for r in records]  # type: ignore[misc]
+    if not out:
+        return out
+    prompts = [r["prompt"] for r in out]
+    responses = [r["chosen"] for r in out] + [r["rejected"] for r in out]
+    computed: dict[int, Tensor] = {}
+    for flag, prefix in FROZEN:
+        if not getattr(solver, flag):
+            continue
+        snapshot = last if prefix == "last" else reference
+        if id(snapshot) not in computed:
+            with autocast(precision, policy.device):
+                values = policy.logps(prompts + prompts, responses, snapshot=snapshot, batch_size=batch_size)
+            computed[id(snapshot)] = values.float().cpu()
+        values = computed[id(snapshot)].tolist()
+        for i, record in enumerate(out):
+            record[f"{prefix}_chosen"] = values[i]  # type: ignore[literal-required]
+            record[f"{prefix}_rejected"] = values[len(out) + i]  # type: ignore[literal-required]
+    return out
+
+
+def check_records(records: Sequence[PreferenceRecord], solver: SubgameSolver, what: str = "training") -> None:
+    """Raise ``ValueError`` naming the first record that lacks a key ``solver`` reads."""
+    if not records:
+        raise ValueError(f"no {what} preference pairs to fit")
+    name = type(solver).__name__
+    for key in required_keys(solver):
+        for i, record in enumerate(records):
+            if record.get(key) is None:
+                hint = (
+                    "compute them first with comalkit.training.precompute_logps"
+                    if key.startswith(("last_", "ref_"))
+                    else "the data needs soft win probabilities (chosen_winprob/rejected_winprob); "
+                    "for hard labels choose a solver without them, e.g. sppo_hard"
+                )
+                raise ValueError(
+                    f"solver {name} needs '{key}' in every {what} pair; pair {i} has none: {hint}"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared LightningModule
+# ---------------------------------------------------------------------------------------------
+class PreferenceModule(L.LightningModule):
+    """One training step for every solver: policy log-probs of a pair batch -> ``solver.loss``.
+
+    Chosen and rejected responses are concatenated into one batch of 2B sequences, so each
+    step is a single forward and backward pass. Frozen log-probs and win probabilities
+    come with the records (see :func:`precompute_logps`). Checkpoints hold only the
+    trainable parameters (for LoRA: the adapter), not the frozen base model.
+    """
+
+    def __init__(
+        self, policy: Any, solver: SubgameSolver, cfg: TrainerConfig | Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        if not getattr(solver, "language_model", True):
+            raise ConfigError(
+                f"solver {type(solver).__name__} runs on exact games only (experiment=synthetic); choose a "
+                "language-model solver such as dpo, ipo, sppo, inpo or mpo"
+            )
+        self.policy = policy
+        self.model = policy.model  # registered, so Lightning moves, casts and trains it
+        self.solver = solver
+        self.cfg = trainer_config(cfg)
+        self.strict_loading = False  # checkpoints carry only the trainable weights
+        self._tokens_seen = 0
+
+    # -- data -------------------------------------------------------------------------------------
+    def collate(self, records: Sequence[PreferenceRecord]) -> dict[str, Tensor]:
+        """Records -> one padded batch of ``[chosen..., rejected...]`` plus the frozen per-pair inputs."""
+        prompts = [r["prompt"] for r in records]
+        batch = dict(
+            self.policy.encode(
+                prompts + prompts, [r["chosen"] for r in records] + [r["rejected"] for r in records]
+            )
+        )
+        for key in required_keys(self.solver):
+            batch[key] = torch.tensor([float(r[key]) for r in records], dtype=torch.float32)  # type: ignore[literal-required]
+        return batch
+
+    def dataloader(self, records: Sequence[PreferenceRecord], train: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        return DataLoader(
+            list(records), batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
+            shuffle=train and self.cfg.shuffle, collate_fn=self.collate, generator=generator,
+        )  # fmt: skip
+
+    # -- steps ------------------------------------------------------------------------------------
+    def pair_logps(self, batch: Mapping[str, Tensor]) -> PairLogps:
+        """Policy log-probs (with grad) of the batch, joined with its frozen inputs."""
+        logps, counts = self.policy.sequence_logps(
+            batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        )
+        logps, counts = logps.float(), counts.float()
+        n = logps.shape[0] // 2
+        return PairLogps(
+            policy_chosen=logps[:n], policy_rejected=logps[n:], chosen_tokens=counts[:n], rejected_tokens=counts[n:],
+            **{key: batch[key] for key in required_keys(self.solver)},
+        )  # fmt: skip
+
+    def _step(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        pairs = self.pair_logps(batch)
+        out = self.solver.loss(pairs)
+        loss = out.mean(pairs.weight)
+        chosen, rejected = out.chosen_rewards.detach().float(), out.rejected_rewards.detach().float()
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "logps/chosen": pairs.policy_chosen.detach().mean(),
+            "logps/rejected": pairs.policy_rejected.detach().mean(),
+        }
+        return loss, metrics
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, metrics = self._step(batch)
+        self._tokens_seen += int(batch["attention_mask"].sum())
+        metrics["num_tokens"] = torch.tensor(float(self._tokens_seen))
+        metrics["learning_rate"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0] // 2)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, metrics = self._step(batch)
+        metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        self.log_dict(
+            metrics, on_step=False, on_epoch=True, batch_size=batch["input_ids"].shape[0] // 2, sync_dist=True
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("grad_norm", norm, on_step=True, on_epoch=False)
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("the policy has no trainable parameters (is every weight frozen?)")
+        optimizer = instantiate(OmegaConf.create(self.cfg.optimizer))(params, lr=self.cfg.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = lr_lambda(self.cfg.scheduler, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def lr_lambda(cfg: SchedulerConfig, total_steps: int) -> Any:
+    """The LR multiplier per optimizer step: linear warm-up, then constant / linear / cosine decay to 0."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if cfg.name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning -> comalkit's run outputs
+# ---------------------------------------------------------------------------------------------
+class RunLogger(Logger):
+    """A Lightning logger that forwards every logged step to a :class:`RunContext` (``metrics.jsonl``)."""
+
+    def __init__(self, run: RunContext, step_offset: int = 0) -> None:
+        super().__init__()
+        self.run = run
+        self.step_offset = step_offset
+
+    @property
+    def name(self) -> str:
+        return "comalkit"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.run.log(dict(metrics), self.step_offset + (step or 0))
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def build_trainer(
+    cfg: TrainerConfig, out_dir: str | Path, run: RunContext | None = None, step_offset: int = 0
+) -> L.Trainer:
+    """A ``lightning.Trainer`` with the ``trainer`` group's settings; metrics go to ``run`` if given."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = []
+    if cfg.checkpoint.enabled:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=Path(out_dir) / cfg.checkpoint.dirname, save_last=cfg.checkpoint.save_last,
+                every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1 if not cfg.checkpoint.save_last else 1,
+            )
+        )  # fmt: skip
+    return L.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
+        precision=cfg.precision, max_epochs=cfg.max_epochs, max_steps=cfg.max_steps,
+        accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=cfg.gradient_clip_val,
+        val_check_interval=cfg.eval_every_n_steps, check_val_every_n_epoch=None if cfg.eval_every_n_steps else 1,
+        num_sanity_val_steps=0, log_every_n_steps=cfg.log_every_n_steps, enable_progress_bar=cfg.enable_progress_bar,
+        enable_model_summary=cfg.enable_model_summary, enable_checkpointing=cfg.checkpoint.enabled,
+        callbacks=callbacks, logger=[RunLogger(run, step_offset)] if run is not None else False,
+        default_root_dir=str(out_dir),
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's advice that does not apply here (pairs are tokenised in the main process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+        warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
+        yield
+
+
+def fit(
+    policy: Any,
+    solver: SubgameSolver,
+    train_records: Sequence[PreferenceRecord],
+    trainer_cfg: Mapping[str, Any] | DictConfig | TrainerConfig | None,
+    out_dir: str | Path,
+    val_records: Sequence[PreferenceRecord] | None = None,
+    run: RunContext | None = None,
+    step_offset: int = 0,
+) -> dict[str, Any]:
+    """Train ``policy`` in place on preference pairs with ``solver``'s loss; return the metrics.
+
+    Records must already carry what the solver reads (:func:`precompute_logps`). With
+    ``val_records``, held-out metrics (``eval_loss``, ``eval_rewards/accuracies``, ...) are
+    measured before and after training. Metrics of every step go to ``run.log`` at step
+    ``step_offset + optimizer step`` (the online loop offsets each iteration).
+
+    Returns ``{"steps", "seconds", "train": last step's metrics, "eval_before", "eval_after"}``.
+    """
+    cfg = trainer_config(trainer_cfg)
+    module = PreferenceModule(policy, solver, cfg)  # rejects game-only solvers
+    check_records(train_records, solver, "training")
+    if val_records:
+        check_records(val_records, solver, "held-out")
+    train_loader = module.dataloader(train_records, train=True)
+    val_loader = module.dataloader(val_records, train=False) if val_records else None
+    trainer = build_trainer(cfg, out_dir, run, step_offset)
+    result: dict[str, Any] = {}
+    start = time.perf_counter()
+    was_training = policy.model.training
+    try:
+        with _quiet_lightning():
+            if val_loader is not None:
+                result["eval_before"] = _scalars(trainer.validate(module, val_loader, verbose=False)[0])
+            trainer.fit(module, train_loader, val_loader if cfg.eval_every_n_steps else None)
+            result["train"] = {
+                k: v for k, v in _scalars(trainer.callback_metrics).items() if not k.startswith("eval_")
+            }
+            if val_loader is not None:
+                result["eval_after"] = _scalars(trainer.validate(module, val_loader, verbose=False)[0])
+    finally:
+        policy.model.train(was_training)
+    result["steps"] = int(trainer.global_step)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+__all__ = [
+    "TrainerConfig",
+    "PreferenceModule",
+    "RunLogger",
+    "autocast",
+    "build_trainer",
+    "check_records",
+    "fit",
+    "lr_lambda",
+    "precompute_logps",
+    "required_keys",
+    "trainer_config",
+]
