@@ -1,0 +1,126 @@
+"""Figures of game runs: metric curves (the paper's Figure 1) and simplex trajectories (Figure 3).
+
+matplotlib is imported lazily and only through its object-oriented API (``Figure`` and the
+Agg canvas), so no global backend is changed and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: Values below this are drawn at this level on log axes (a gap of exactly 0 has no logarithm).
+LOG_FLOOR = 1e-16
+#: Curves beyond this many per figure are summarised by their median and range.
+MAX_CURVES = 12
+
+
+@dataclass
+class Curve:
+    """One line of a figure: a label and the y values at steps x."""
+
+    label: str
+    x: np.ndarray
+    y: np.ndarray
+
+
+def _figure(width: float = 6.4, height: float = 4.2):  # -> matplotlib.figure.Figure
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig, path: str | Path) -> Path:
+    from comalkit.outputs import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=150)
+    return path
+
+
+def plot_curves(
+    curves: Sequence[Curve],
+    path: str | Path,
+    *,
+    ylabel: str = "duality gap",
+    title: str = "",
+    log: bool = True,
+) -> Path:
+    """Draw ``curves`` against iteration on one axis (log-scale y by default) and save to ``path``.
+
+    More than :data:`MAX_CURVES` curves sharing the same x are drawn as a median with a
+    min-max band, so a batch of thousands of games stays readable.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    if len(curves) > MAX_CURVES and all(np.array_equal(c.x, curves[0].x) for c in curves):
+        ys = np.stack([c.y for c in curves])
+        ys = np.maximum(ys, LOG_FLOOR) if log else ys
+        ax.fill_between(curves[0].x, ys.min(0), ys.max(0), alpha=0.3, label=f"range over {len(curves)} games")
+        ax.plot(curves[0].x, np.median(ys, 0), label="median")
+    else:
+        for c in curves:
+            ax.plot(c.x, np.maximum(c.y, LOG_FLOOR) if log else c.y, label=c.label, linewidth=1.5)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if any(c.label for c in curves):
+        ax.legend(fontsize="small")
+    ax.grid(True, which="major", alpha=0.3)
+    return _save(fig, path)
+
+
+def _barycentric(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points of the 2-simplex in the plane: vertices at (0, 0), (1, 0) and (½, √3/2)."""
+    return p[..., 1] + 0.5 * p[..., 2], (np.sqrt(3) / 2) * p[..., 2]
+
+
+def plot_simplex(
+    policies: np.ndarray,
+    nash: np.ndarray,
+    path: str | Path,
+    *,
+    labels: Sequence[str] = ("y1", "y2", "y3"),
+    titles: Sequence[str] = (),
+) -> Path:
+    """Trajectories of 3-response policies on the simplex, π* marked (the paper's Figure 3).
+
+    ``policies`` is ``[R, 3]`` for one game or ``[R, G, 3]`` for G games (one panel each, at
+    most 4); ``nash`` is ``[3]`` or ``[G, 3]``. Colour runs from early (dark) to late (light).
+    """
+    policies = np.asarray(policies, dtype=float)
+    policies = policies[:, None] if policies.ndim == 2 else policies
+    nash = np.broadcast_to(np.asarray(nash, dtype=float), policies.shape[1:])
+    games = min(policies.shape[1], 4)
+    fig = _figure(4.2 * games, 4.0)
+    axes = fig.subplots(1, games, squeeze=False)[0]
+    corners = np.eye(3)
+    for g, ax in enumerate(axes):
+        cx, cy = _barycentric(np.r_[corners, corners[:1]])
+        ax.plot(cx, cy, color="0.3", linewidth=1)
+        for (x, y), name, (dx, dy) in zip(
+            zip(cx[:3], cy[:3]), labels, [(-0.04, -0.05), (0.04, -0.05), (0, 0.04)]
+        ):
+            ax.annotate(name, (x + dx, y + dy), ha="center", va="center")
+        x, y = _barycentric(policies[:, g])
+        ax.scatter(x, y, c=np.linspace(0, 1, len(x)), cmap="viridis", s=4, zorder=2)
+        ax.plot(x, y, color="0.5", linewidth=0.5, alpha=0.6, zorder=1)
+        ax.plot(x[0], y[0], "o", color="tab:blue", markersize=7, label="start", zorder=3)
+        ax.plot(x[-1], y[-1], "s", color="tab:orange", markersize=6, label="last iterate", zorder=3)
+        nx, ny = _barycentric(nash[g])
+        ax.plot(nx, ny, "*", color="tab:red", markersize=14, label="π* (Nash)", zorder=4)
+        ax.set_aspect("equal")
+        ax.set_xlim(-0.1, 1.1)
+        ax.set_ylim(-0.1, 0.97)
+        ax.axis("off")
+        if g < len(titles):
+            ax.set_title(titles[g])
+    axes[0].legend(loc="upper left", fontsize="small")
+    return _save(fig, path)
