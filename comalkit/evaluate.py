@@ -252,10 +252,11 @@ def plot_heatmap(result: RoundRobin, path: str | Path) -> Path:
     ax.set_xticks(range(k), result.names, rotation=45, ha="right")
     ax.set_yticks(range(k), [f"{n} (min {100 * mins[n]:.0f}%)" for n in result.names])
     ax.set_xlabel("opponent")
-    ax.set_title(f"round robin: {result.num_prompts} prompts, both orders judged", fontsize="medium")
+    prompts = f"{result.num_prompts} prompt{'s' if result.num_prompts != 1 else ''}"
+    ax.set_title(f"round robin on {prompts}, both orders judged", fontsize="medium")
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     return path
 
 
