@@ -25,14 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from comalkit.registry import ConfigError
+
 #: file suffixes read as JSON (lines, or one array), plain text (one prompt per line) or parquet
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt",)
 PARQUET_SUFFIXES = (".parquet",)
 
 
-class PromptDataError(ValueError):
-    """A prompt file is missing, malformed, empty, or too small for the requested splits."""
+class PromptDataError(ConfigError):
+    """A prompt file is missing, malformed, empty, or too small for the requested splits.
+
+    A :class:`~comalkit.registry.ConfigError` (so a ``ValueError``): the app reports it as a
+    one-line error naming what to change, without a traceback.
+    """
 
 
 # ---------------------------------------------------------------------------------------------
