@@ -412,8 +412,21 @@ def _quiet_lightning() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
-        yield
+        warnings.filterwarnings(
+            "ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*"
+        )
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        rank_zero.addFilter(_no_tips)
+        try:
+            yield
+        finally:
+            rank_zero.removeFilter(_no_tips)
+
+
+def _no_tips(record: logging.LogRecord) -> bool:
+    """Drop Lightning's advertisement for its cloud logger."""
+    return "litlogger" not in record.getMessage()
 
 
 def fit(
@@ -442,23 +455,24 @@ def fit(
         check_records(val_records, solver, "held-out")
     train_loader = module.dataloader(train_records, train=True)
     val_loader = module.dataloader(val_records, train=False) if val_records else None
-    trainer = build_trainer(cfg, out_dir, run, step_offset)
     result: dict[str, Any] = {}
     start = time.perf_counter()
     was_training = policy.model.training
     try:
         with _quiet_lightning():
+            trainer = build_trainer(cfg, out_dir, run, step_offset)
+            policy.model.train()  # models load in eval mode; Lightning keeps each submodule's mode
             if val_loader is not None:
                 result["eval_before"] = _scalars(trainer.validate(module, val_loader, verbose=False)[0])
             trainer.fit(module, train_loader, val_loader if cfg.eval_every_n_steps else None)
             result["train"] = {
                 k: v for k, v in _scalars(trainer.callback_metrics).items() if not k.startswith("eval_")
             }
+            result["steps"] = int(trainer.global_step)
             if val_loader is not None:
                 result["eval_after"] = _scalars(trainer.validate(module, val_loader, verbose=False)[0])
     finally:
         policy.model.train(was_training)
-    result["steps"] = int(trainer.global_step)
     result["seconds"] = time.perf_counter() - start
     return result
 
