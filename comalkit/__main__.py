@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+
 from comalkit.app import CONF_DIR
 from comalkit.registry import closest, registry
 
@@ -22,7 +23,9 @@ def group_options(group: str) -> list[str]:
 
 def check_group_overrides(args: list[str]) -> str | None:
     """An error message for a ``group=option`` override that names no option, before any work starts."""
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {g for g in registry._plugins if registry.names(g)}
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {
+        g for g in registry._plugins if registry.names(g)
+    }
     for arg in args:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue

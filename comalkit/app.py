@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
-
-import hashlib
-import re
 
 import hydra
 from hydra.core.hydra_config import HydraConfig

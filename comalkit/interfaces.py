@@ -151,7 +151,11 @@ class PreferenceOracle(ABC):
         """The K×K matrix ``M[i][j] = P(candidates[i] ≻ candidates[j] | prompt)``."""
         k = len(candidates)
         pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-        probs = self.compare([Comparison(prompt, candidates[i], candidates[j]) for i, j in pairs]) if pairs else []
+        probs = (
+            self.compare([Comparison(prompt, candidates[i], candidates[j]) for i, j in pairs])
+            if pairs
+            else []
+        )
         m = torch.full((k, k), 0.5, dtype=torch.float64)
         for (i, j), p in zip(pairs, probs):
             m[i, j] = float(p)

@@ -10,8 +10,8 @@ sample     ``samples.json``               responses are read back, never sampled
 judge      ``wins.pt``                    win matrices are read back (the oracle cache too)
 logps      ``pairs.pt``                   pairs with precomputed log-probs are read back
 train      ``policy.safetensors``         the trained snapshot is loaded instead of retraining
-reference  ``reference.safetensors``      the updated reference is loaded
 evaluate   ``eval.json``                  held-out responses and win rates are read back
+reference  ``reference.safetensors``      the updated reference is loaded
 =========  =============================  =====================================================
 
 Every stage is seeded from ``(seed, k, stage)``, so a resumed run ends with the same
@@ -36,7 +36,6 @@ from comalkit.interfaces import PreferenceOracle, ReferenceUpdater, RunContext, 
 from comalkit.outputs import atomic_path, read_metrics, write_json
 
 log = logging.getLogger("comalkit.loop")
-STAGES = ("sample", "judge", "logps", "train", "reference", "evaluate")
 
 
 def stage_seed(seed: int, iteration: int, stage: str) -> int:
@@ -143,7 +142,9 @@ class MetaLoop:
             strength = self.reference_updater.strength(self.reference_updater.round_of(k))
             if strength is not None:
                 self.solver.set_strength(strength)
-            metrics, reference, previous_eval = self.iteration(k, reference, previous_eval, initial_eval, eval_prompts)
+            metrics, reference, previous_eval = self.iteration(
+                k, reference, previous_eval, initial_eval, eval_prompts
+            )
             metrics.update(iteration=k, round=self.reference_updater.round_of(k))
             if strength is not None:
                 metrics["strength"] = strength
@@ -162,27 +163,35 @@ class MetaLoop:
         return {**metrics, "final_checkpoint": str(final), "iterations": s.iterations}
 
     def iteration(
-        self, k: int, reference: Snapshot, previous_eval: list[str], initial_eval: list[str], eval_prompts: list[str]
+        self,
+        k: int,
+        reference: Snapshot,
+        previous_eval: list[str],
+        initial_eval: list[str],
+        eval_prompts: list[str],
     ) -> tuple[dict[str, Any], Snapshot, list[str]]:
         """One inner iteration; every stage reuses its saved output if there is one."""
-        s, d = self.settings, self.iter_dir(k)
+        d = self.iter_dir(k)
         last = self.policy.snapshot()
 
         prompts, responses = self._stage(d / "samples.json", "sample", k, lambda: self._sample(k))
         wins = self._stage(d / "wins.pt", "judge", k, lambda: self._judge(prompts, responses))
-        records = self._stage(d / "pairs.pt", "logps", k, lambda: self._pairs(prompts, responses, wins, last, reference))
+        records = self._stage(
+            d / "pairs.pt", "logps", k, lambda: self._pairs(prompts, responses, wins, last, reference)
+        )
         if not records:
             raise RuntimeError(
                 f"iteration {k}: the pair builder produced no pairs (all sampled responses tied); "
                 "raise task.samples_per_prompt or task.temperature"
             )
         train_metrics = self._stage_train(d, k, records)
-        reference = self._stage_reference(d, k, reference)
         evaluation = self._stage(d / "eval.json", "evaluate", k,
                                  lambda: self._evaluate(k, eval_prompts, previous_eval, initial_eval, reference))  # fmt: skip
+        reference = self._stage_reference(d, k, reference)  # after evaluate: KL is to this iteration's μ
         lengths = [len(r) for rs in responses for r in rs]
         metrics = {
-            **train_metrics,
+            **train_metrics.get("train", {}),
+            "train_steps": train_metrics.get("steps"),
             **{k_: v for k_, v in evaluation.items() if k_ != "responses"},
             "pairs": len(records),
             "response_chars": sum(lengths) / max(len(lengths), 1),
@@ -247,7 +256,10 @@ class MetaLoop:
         return reference
 
     def _evaluate(self, k, prompts, previous_eval, initial_eval, reference: Snapshot) -> dict[str, Any]:
-        """Held-out responses of the new policy; win rates vs the previous and initial policy; KL to μ."""
+        """Held-out responses of the new policy; win rates vs the previous and initial policy.
+
+        ``kl_to_reference`` estimates KL(π‖μ) as the mean of log π(y) − log μ(y) over y ~ π, with μ
+        the reference this iteration was trained against."""
         s = self.settings
         if not prompts:
             return {"responses": []}

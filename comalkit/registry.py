@@ -88,7 +88,9 @@ class Registry:
                 raise TypeError(f"plugin {_qualname(cls)} must be a dataclass of its hyper-parameters")
             known = self._plugins[group].get(name)
             if known is not None and _qualname(known) != _qualname(cls):
-                raise ConfigError(f"{group}={name} is registered twice: {_qualname(known)} and {_qualname(cls)}")
+                raise ConfigError(
+                    f"{group}={name} is registered twice: {_qualname(known)} and {_qualname(cls)}"
+                )
             self._plugins[group][name] = cls
             return cls
 
@@ -126,7 +128,9 @@ class Registry:
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
-            spec = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+            spec = dataclasses.field(
+                default=f.default, default_factory=f.default_factory, metadata=f.metadata
+            )
             fields.append((f.name, hints.get(f.name, f.type), spec))
         schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
         schema.__module__ = cls.__module__  # so string annotations resolve in the plugin's module
@@ -155,7 +159,9 @@ class Registry:
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken third-party plugin must say which one it is
-                raise ImportError(f"comalkit plugin entry point '{ep.name} = {ep.value}' failed to load: {exc}") from exc
+                raise ImportError(
+                    f"comalkit plugin entry point '{ep.name} = {ep.value}' failed to load: {exc}"
+                ) from exc
             if isinstance(obj, ModuleType):
                 import_submodules(obj)
             elif callable(obj):
@@ -183,14 +189,23 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
     target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
     if target is None:
-        raise ConfigError(f"config node has no _target_: {OmegaConf.to_yaml(node) if isinstance(node, DictConfig) else node}")
+        raise ConfigError(
+            f"config node has no _target_: {OmegaConf.to_yaml(node) if isinstance(node, DictConfig) else node}"
+        )
     allowed = registry.allowed_targets()
     if target not in allowed:
         raise ConfigError(
             f"_target_ '{target}' is not a registered comalkit plugin; register it with @plugin or "
             f"registry.allow_target().{closest(target, allowed)}"
         )
-    return hydra_instantiate(node, _convert_="all", **kwargs)
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra_instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, ConfigError):  # the plugin's own message names the key or file
+            raise exc.__cause__ from None
+        raise
 
 
 def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
@@ -198,7 +213,9 @@ def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"{key}={value!r}: expected one of {list(choices)}.{closest(str(value), map(str, choices))}")
+        raise ConfigError(
+            f"{key}={value!r}: expected one of {list(choices)}.{closest(str(value), map(str, choices))}"
+        )
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     limits = (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
@@ -230,7 +247,11 @@ def _validate_dataclass(prefix: str, cls: type, node: DictConfig) -> None:
             continue
         value = node[f.name]
         key = f"{prefix}.{f.name}"
-        if isinstance(value, DictConfig) and isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+        if (
+            isinstance(value, DictConfig)
+            and isinstance(f.default_factory, type)
+            and dataclasses.is_dataclass(f.default_factory)
+        ):
             _validate_dataclass(key, f.default_factory, value)
         elif f.metadata:
             _check_value(key, value, dict(f.metadata))

@@ -99,7 +99,9 @@ def test_cli_out_of_range_value_exits_with_a_clear_message(tmp_path):
 
 
 def test_multirun_writes_one_directory_per_job(tmp_path):
-    out = _cli("-m", "experiment=synthetic", "solver=inpo,ipo", "task.iterations=20", f"hydra.sweep.dir={tmp_path}")
+    out = _cli(
+        "-m", "experiment=synthetic", "solver=inpo,ipo", "task.iterations=20", f"hydra.sweep.dir={tmp_path}"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summaries = sorted(tmp_path.glob("*/summary.json"))
     assert len(summaries) == 2

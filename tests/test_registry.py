@@ -105,9 +105,19 @@ def test_third_party_package_registers_through_entry_point(tmp_path):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-comalkit\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[comalkit.plugins]\nthirdparty = thirdparty_comalkit\n")
-    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env = {
+        "PYTHONPATH": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+    }
     out = subprocess.run(
-        [sys.executable, "-m", "comalkit", "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "comalkit", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert "every_other" in out.stdout

@@ -32,7 +32,9 @@ class ProxReference(ReferenceUpdater):
     """
 
     period: int = param(1, ge=1, help="iterations per subgame (outer round)")
-    strengths: list[float] = param(default_factory=list, help="per-round KL strength schedule; empty: the solver's own")
+    strengths: list[float] = param(
+        default_factory=list, help="per-round KL strength schedule; empty: the solver's own"
+    )
 
     def __post_init__(self) -> None:
         if any(s <= 0 for s in self.strengths):

@@ -26,7 +26,9 @@ class OnlineTask(Task):
 
     resumable = True
 
-    iterations: int = param(3, ge=1, help="inner iterations in total (rounds = iterations / reference.period)")
+    iterations: int = param(
+        3, ge=1, help="inner iterations in total (rounds = iterations / reference.period)"
+    )
     samples_per_prompt: int = param(4, ge=2, help="responses sampled per prompt (the paper: 5)")
     temperature: float = param(0.8, gt=0.0, help="sampling temperature (the paper: 0.8)")
     top_p: float = param(0.95, gt=0.0, le=1.0, help="nucleus sampling (the paper: 0.95)")
@@ -40,7 +42,7 @@ class OnlineTask(Task):
         from comalkit.loop import LoopSettings, MetaLoop
         from comalkit.oracle_cache import CachedOracle
         from comalkit.pairing import check_compatible
-        from comalkit.training import fit, precompute_logps
+        from comalkit.training import fit, precompute_logps, trainer_config
 
         solver = instantiate(cfg.solver)
         if not solver.language_model:
@@ -58,12 +60,19 @@ class OnlineTask(Task):
             logp_batch_size=self.logp_batch_size, eval_prompts=self.eval_prompts, seed=int(cfg.seed),
         )  # fmt: skip
 
-        def fit_solver(policy: Any, solver: Any, records: list[dict[str, Any]], out_dir: Any) -> dict[str, Any]:
-            return fit(policy, solver, records, cfg.trainer, out_dir)
+        trainer = trainer_config(cfg.trainer)
+
+        def fit_solver(
+            policy: Any, solver: Any, records: list[dict[str, Any]], out_dir: Any
+        ) -> dict[str, Any]:
+            return fit(policy, solver, records, trainer, out_dir)
+
+        def precompute(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            return precompute_logps(*args, precision=trainer.precision, **kwargs)
 
         loop = MetaLoop(
             policy=policy, solver=solver, oracle=oracle, reference_updater=reference_updater, prompts=prompts,
-            pair_builder=pair_builder, settings=settings, fit=fit_solver, precompute=precompute_logps,
+            pair_builder=pair_builder, settings=settings, fit=fit_solver, precompute=precompute,
             win_rate=win_rate, run=run,
         )  # fmt: skip
         try:
