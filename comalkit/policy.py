@@ -557,6 +557,9 @@ class PolicySettings:
     seed: int = param(0, ge=0, help="seeds the LoRA (and tiny model) initialisation")
 
     def __post_init__(self) -> None:
+        # instantiate(..., _convert_="all") hands nested configs over as dicts
+        if isinstance(self.lora, Mapping):
+            self.lora = LoraSettings(**self.lora)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"model.max_prompt_length={self.max_prompt_length} must be < model.max_length={self.max_length}"
