@@ -61,9 +61,8 @@ def save_tensor(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-def mean_win_rate(matrices: Sequence[torch.Tensor]) -> list[list[float]]:
-    """Each response's mean win probability against its prompt's sampled set (itself at ½)."""
-    return [m.mean(dim=1).tolist() for m in matrices]
+def same_snapshot(a: Snapshot, b: Snapshot) -> bool:
+    return a is b or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
 
 
 @dataclass
@@ -226,6 +225,8 @@ class MetaLoop:
 
     def _pairs(self, prompts, responses, wins, last: Snapshot, reference: Snapshot) -> list[dict[str, Any]]:
         records = self.pair_builder.build(prompts, responses, wins)
+        if same_snapshot(last, reference):
+            reference = last  # right after a prox step μ = π_t: one log-prob pass serves both
         return self.precompute(self.policy, records, self.solver, last=last, reference=reference,
                                batch_size=self.settings.logp_batch_size)  # fmt: skip
 
