@@ -147,20 +147,27 @@ class LMPolicy:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], base: Any = None, **settings: Any) -> LMPolicy:
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        base: Any = None,
+        dtype: str | torch.dtype = "float32",
+        **settings: Any,
+    ) -> LMPolicy:
         """Load a policy written by :meth:`save_checkpoint`.
 
         A LoRA checkpoint (``adapter_config.json``) needs its base model: ``base`` is a
         ``(model, tokenizer)`` pair or a path for :func:`~comalkit.models.load_causal_lm`;
         ``None`` uses the adapter's recorded ``base_model_name_or_path``. The adapter stays
-        trainable. A full checkpoint is a plain model directory. ``settings`` go to
+        trainable and the tokenizer comes from the checkpoint. A full checkpoint is a plain
+        model directory. ``dtype`` applies to what is loaded from a path; ``settings`` go to
         :class:`LMPolicy` (``max_length``, ``device``, ...).
         """
         path = Path(path).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"policy checkpoint '{path}' does not exist or is not a directory")
         if not (path / "adapter_config.json").is_file():
-            model, tokenizer = load_causal_lm(path)
+            model, tokenizer = load_causal_lm(path, dtype=dtype)
             return cls(model, tokenizer, **settings)
         from peft import PeftConfig, PeftModel
 
@@ -170,7 +177,11 @@ class LMPolicy:
                 raise ValueError(
                     f"LoRA checkpoint '{path}' records no base model; pass base=(model, tokenizer) or a path"
                 )
-        model, _ = load_causal_lm(base) if isinstance(base, (str, os.PathLike)) else base
+        model, _ = load_causal_lm(base, dtype=dtype) if isinstance(base, (str, os.PathLike)) else base
+        if _is_peft(model):
+            raise ValueError(
+                f"the base for LoRA checkpoint '{path}' already has an adapter; pass the bare model"
+            )
         tokenizer = _load_tokenizer(path)
         with quiet_progress_bars():
             peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
@@ -532,10 +543,11 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 @dataclass
 class PolicySettings:
-    """The fields every ``model`` plugin shares; subclasses add where the weights come from.
+    """The fields every ``model`` plugin shares; a plugin adds where the weights come from.
 
-    :meth:`make_policy` turns a loaded ``(model, tokenizer)`` into an :class:`LMPolicy` with
-    these settings, so each plugin's ``build()`` only has to load its model.
+    A plugin implements :meth:`load` (the bare base model and tokenizer); :meth:`build` wraps
+    it into an :class:`LMPolicy` with these settings, and :meth:`load_checkpoint` puts a saved
+    adapter (or full model) back on top of it with the same settings.
     """
 
     dtype: str = param(
@@ -565,17 +577,32 @@ class PolicySettings:
                 f"model.max_prompt_length={self.max_prompt_length} must be < model.max_length={self.max_length}"
             )
 
-    def make_policy(self, model: Any, tokenizer: Any) -> LMPolicy:
-        """Wrap a loaded model with these settings."""
-        return LMPolicy(
-            model,
-            tokenizer,
-            lora=self.lora,
-            max_length=self.max_length,
-            max_prompt_length=self.max_prompt_length,
-            truncation=self.truncation,
-            device=self.device,
-            autocast=self.autocast,
-            gradient_checkpointing=self.gradient_checkpointing,
-            seed=self.seed,
+    def load(self) -> tuple[Any, Any]:
+        """The bare base model (no adapter, eval mode, ``self.dtype``) and its tokenizer."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+
+    def build(self) -> LMPolicy:
+        """A fresh policy: the base model with a new LoRA adapter (or fully trainable)."""
+        model, tokenizer = self.load()
+        return LMPolicy(model, tokenizer, lora=self.lora, seed=self.seed, **self._policy_settings())
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> LMPolicy:
+        """A policy saved by :meth:`LMPolicy.save_checkpoint`, with these settings.
+
+        A LoRA checkpoint goes on top of this plugin's base model (:meth:`load`); a full one
+        is loaded from ``path`` in ``self.dtype``.
+        """
+        is_adapter = (Path(path).expanduser() / "adapter_config.json").is_file()
+        return LMPolicy.from_checkpoint(
+            path, base=self.load() if is_adapter else None, dtype=self.dtype, **self._policy_settings()
         )
+
+    def _policy_settings(self) -> dict[str, Any]:
+        return {
+            "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
+            "truncation": self.truncation,
+            "device": self.device,
+            "autocast": self.autocast,
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }

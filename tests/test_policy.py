@@ -359,6 +359,17 @@ def test_tiny_plugin_builds_a_lora_policy_by_default():
     assert not full.lora and len(full.trainable_parameters()) == len(list(full.model.parameters()))
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_plugin_reloads_its_checkpoints_with_its_settings(tmp_path, lora):
+    plugin = instantiate(model_config("tiny", max_length=128, max_prompt_length=64, **{"lora.enabled": lora}))
+    policy = plugin.build()
+    perturb(policy, scale=0.2 if lora else 0.02)
+    expected = policy.logps(PROMPTS, RESPONSES)
+    loaded = plugin.load_checkpoint(policy.save_checkpoint(tmp_path / "ckpt"))
+    assert loaded.lora == lora and loaded.max_length == 128
+    assert torch.equal(loaded.logps(PROMPTS, RESPONSES), expected)
+
+
 def test_plugin_ranges_are_validated():
     cfg = OmegaConf.create({"model": model_config("smollm2", **{"lora.r": 0})})
     with pytest.raises(ConfigError, match=r"model.lora.r=0: expected a value >= 1"):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from comalkit.models import load_causal_lm
-from comalkit.policy import LMPolicy, PolicySettings
+from comalkit.policy import PolicySettings
 from comalkit.registry import ConfigError, param, plugin
 
 
@@ -26,6 +27,5 @@ class HFModel(PolicySettings):
         if not self.path:
             raise ConfigError("model=hf needs model.path=<local model directory or .gguf file>")
 
-    def build(self) -> LMPolicy:
-        model, tokenizer = load_causal_lm(self.path, gguf_file=self.gguf_file, dtype=self.dtype)
-        return self.make_policy(model, tokenizer)
+    def load(self) -> tuple[Any, Any]:
+        return load_causal_lm(self.path, gguf_file=self.gguf_file, dtype=self.dtype)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from comalkit.models import bundled_gguf_path, load_causal_lm
-from comalkit.policy import LMPolicy, PolicySettings
+from comalkit.policy import PolicySettings
 from comalkit.registry import plugin
 
 
@@ -19,6 +20,5 @@ class SmolLM2(PolicySettings):
     LoRA r=16 on q/k/v/o is on by default.
     """
 
-    def build(self) -> LMPolicy:
-        model, tokenizer = load_causal_lm(bundled_gguf_path(), dtype=self.dtype)
-        return self.make_policy(model, tokenizer)
+    def load(self) -> tuple[Any, Any]:
+        return load_causal_lm(bundled_gguf_path(), dtype=self.dtype)

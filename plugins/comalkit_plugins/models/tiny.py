@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from comalkit.models import tiny_causal_lm
-from comalkit.policy import LMPolicy, PolicySettings
+from comalkit.policy import PolicySettings
 from comalkit.registry import param, plugin
 
 
@@ -24,7 +25,7 @@ class TinyModel(PolicySettings):
     intermediate_size: int = param(64, ge=1, help="MLP width")
     max_position_embeddings: int = param(512, ge=2, help="context length (>= max_length)")
 
-    def build(self) -> LMPolicy:
+    def load(self) -> tuple[Any, Any]:
         model, tokenizer = tiny_causal_lm(
             hidden_size=self.hidden_size,
             num_layers=self.num_layers,
@@ -34,4 +35,4 @@ class TinyModel(PolicySettings):
             seed=self.seed,
             dtype=self.dtype,
         )
-        return self.make_policy(model, tokenizer)
+        return model, tokenizer
