@@ -188,6 +188,14 @@ def test_dpo_update_on_bradley_terry_is_the_dpo_closed_form():
         assert torch.allclose(got, (ref + r / beta).log_softmax(-1), atol=1e-9), beta
 
 
+def test_dpo_update_on_a_deterministic_transitive_game_is_finite_and_collapses():
+    # DPO's logits diverge when y_0 always wins: the update stops where the curvature underflows
+    m = torch.tensor([[0.5, 1.0, 1.0], [0.0, 0.5, 1.0], [0.0, 0.0, 0.5]], dtype=torch.float64)
+    start = t(0.2, 0.5, 0.3).log()
+    got = solver("dpo", beta=1.0).population_update(start, start, win_rate_of(m))
+    assert got.isfinite().all() and got.exp()[0] > 1 - 1e-12
+
+
 def test_sppo_update_is_not_multiplicative_weights_but_its_stationary_point():
     last = t(0.2, 0.5, 0.3).log()
     sppo = solver("sppo", beta=0.2)  # η = 5

@@ -17,8 +17,28 @@ from comalkit.registry import param, plugin
 from .base import PairSolver, log_ratio, normalise, preference_matrix
 
 _MAX_NEWTON_STEPS = 200
-_STEP_TOL = 1e-13  # relative; Newton's step bounds the remaining error near the optimum
-_BACKTRACK = 0.5 ** torch.arange(40, dtype=torch.float64)  # step sizes tried by the line search
+_STEP_TOL = 1e-10  # relative; once steps are this small, Newton's remaining error is ~ their square
+_MAX_HALVINGS = 40
+
+
+def newton_step(grad: Tensor, hess: Tensor) -> Tensor:
+    """Solve ``H δ = −g`` for a Hessian whose rows sum to zero (the loss ignores a shift of θ).
+
+    Jacobi scaling makes the solve insensitive to responses π_t barely samples (curvature
+    ∝ π_t(y)); the scaled null vector √diag(H) is fixed by a rank-one term, ``g ⟂ 1`` keeps
+    the step exact. Responses whose curvature underflowed are not constrained by the loss
+    and keep their logit (δ_y = 0).
+    """
+    d = hess.diagonal(dim1=-2, dim2=-1)
+    live = d > 1e-200 * d.amax(-1, keepdim=True)
+    scale = torch.where(live, d, 1.0).rsqrt()
+    null = torch.where(live, d, 0.0).sqrt()
+    null = null / null.norm(dim=-1, keepdim=True).clamp(min=1e-300)
+    eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
+    scaled = scale.unsqueeze(-1) * hess * scale.unsqueeze(-2) + null.unsqueeze(-1) * null.unsqueeze(-2)
+    scaled = scaled + torch.diag_embed((~live).to(d.dtype)) + 1e-14 * eye
+    rhs = torch.where(live, -grad * scale, 0.0)
+    return scale * torch.linalg.solve(scaled, rhs.unsqueeze(-1)).squeeze(-1)
 
 
 @plugin("solver", "dpo")
@@ -38,7 +58,9 @@ class DPO(PairSolver):
     minimiser is finite when every response beats every other with probability in (0, 1)
     (more generally, when the "sometimes beats" graph is strongly connected); on a strictly
     transitive 0/1 matrix DPO's logits diverge, a known property of DPO, and the returned
-    policy is the iterate after the step budget.
+    policy is the iterate where the loss's curvature underflows (numerically the limit).
+    Responses that π_t never samples (π_t(y) underflowed) are not seen by the loss and keep
+    their reference log-ratio.
     """
 
     beta: float = param(0.1, gt=0.0, help="KL strength β (TRL's beta); the loss is -log σ(β(Δ_θ − Δ_ref))")
@@ -57,15 +79,16 @@ class DPO(PairSolver):
         w = pi_t.unsqueeze(-1) * pi_t.unsqueeze(-2) * m
         ref = ref_logp.double()
         theta = ref.clone()
+        value, previous = self._value(theta, ref, w), torch.inf
         for _ in range(_MAX_NEWTON_STEPS):
             grad, hess = self._grad_hess(theta, ref, w)
-            gauge = torch.full_like(hess, 1.0 / theta.shape[-1])  # fixes the free shift θ + c: step ⟂ 1
-            step = -torch.linalg.solve(hess + gauge, grad.unsqueeze(-1)).squeeze(-1)
-            new = self._line_search(theta, step, grad, ref, w)
-            moved = (new - theta).abs().max()
-            theta = new
-            if moved <= _STEP_TOL * (1 + theta.abs().max()):
+            new, value = self._line_search(theta, value, newton_step(grad, hess), grad, ref, w)
+            moved, theta = float((new - theta).abs().max()), new
+            scale = 1 + float(theta.abs().max())
+            # converged, or at the rounding floor (steps stopped shrinking once tiny)
+            if moved <= _STEP_TOL * scale or (moved < 1e-6 * scale and moved > previous / 2):
                 break
+            previous = moved
         return normalise(theta).to(last_logp.dtype)
 
     def _margins(self, theta: Tensor, ref: Tensor) -> Tensor:
@@ -83,19 +106,23 @@ class DPO(PairSolver):
         hess = self.beta**2 * (torch.diag_embed(a.sum(-1)) - a)
         return grad, hess
 
-    def _line_search(self, theta: Tensor, step: Tensor, grad: Tensor, ref: Tensor, w: Tensor) -> Tensor:
-        """Per game, the largest step 2^-k satisfying Armijo's condition; the full step near the optimum.
+    def _line_search(
+        self, theta: Tensor, value: Tensor, step: Tensor, grad: Tensor, ref: Tensor, w: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Per game, the largest step 2^-k satisfying Armijo's condition; the new θ and its loss.
 
         Once the predicted decrease (the Newton decrement) is near the loss's rounding error,
         Armijo's test is noise; there Newton's full step is the right one (quadratic convergence).
         """
-        t = _BACKTRACK.to(theta.device)
-        candidates = theta.unsqueeze(-2) + t[:, None] * step.unsqueeze(-2)  # [..., K, n]
-        values = self._value(candidates, ref.unsqueeze(-2), w.unsqueeze(-3))
-        value = self._value(theta, ref, w)
         slope = (grad * step).sum(-1)
-        ok = values <= value.unsqueeze(-1) + 1e-4 * t * slope.unsqueeze(-1)
-        first = ok.double().argmax(-1)
-        chosen = torch.where(ok.any(-1), t[first], 0.0)
-        chosen = torch.where(-slope <= 1e-10 * (1 + value.abs()), 1.0, chosen)
-        return theta + chosen.unsqueeze(-1) * step
+        force = -slope <= 1e-10 * (1 + value.abs())
+        t, settled, new_value = torch.ones_like(value), torch.zeros_like(force), value
+        for _ in range(_MAX_HALVINGS):
+            trial = self._value(theta + t.unsqueeze(-1) * step, ref, w)
+            accept = ~settled & (force | (trial <= value + 1e-4 * t * slope))
+            new_value, settled = torch.where(accept, trial, new_value), settled | accept
+            if bool(settled.all()):
+                break
+            t = torch.where(settled, t, t / 2)
+        t = torch.where(settled, t, 0.0)
+        return theta + t.unsqueeze(-1) * step, new_value

@@ -93,7 +93,6 @@ class SPPO(PairSolver):
                 break
             q = (logp.exp() * w / (1 + w)).sum(-1)
             log_lam = torch.where(active, log_lam + torch.log1p(s / q.clamp(min=1e-300)), log_lam)
-        logp = target - lambert_w(log_lam.unsqueeze(-1) + shift)
         return normalise(logp).to(last_logp.dtype)
 
 
