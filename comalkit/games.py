@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,10 @@ def _as_array(values: Any, source: str) -> np.ndarray:
         raise GameError(f"{source}: expected numbers, got {values!r} ({exc})") from exc
 
 
-def _entry(index: tuple[int, ...]) -> str:
-    """``M[0][2]`` for a single game, ``game 3: M[0][2]`` inside a batch."""
+def _entry(index: tuple[int, ...]) -> tuple[str, str]:
+    """(``"game 3: "`` inside a batch or ``""``, ``"M[0][2]"``) for an index into a matrix."""
     *game, i, j = index
-    where = f"M[{i}][{j}]"
-    return f"game {game[0]}: {where}" if game else where
+    return (f"game {game[0]}: " if game else ""), f"M[{i}][{j}]"
 
 
 def check_matrix(matrix: Any, *, tol: float = TOL, source: str = "game matrix") -> np.ndarray:
@@ -81,21 +81,23 @@ def check_matrix(matrix: Any, *, tol: float = TOL, source: str = "game matrix") 
     bad = np.argwhere(~np.isfinite(m))
     if len(bad):
         idx = tuple(int(x) for x in bad[0])
-        raise GameError(f"{source}: {_entry(idx)}={m[idx]} is not finite")
+        game, entry = _entry(idx)
+        raise GameError(f"{source}: {game}{entry}={m[idx]} is not finite")
     bad = np.argwhere((m < 0) | (m > 1))
     if len(bad):
         idx = tuple(int(x) for x in bad[0])
-        raise GameError(f"{source}: {_entry(idx)}={m[idx]:g} is outside [0, 1]")
+        game, entry = _entry(idx)
+        raise GameError(f"{source}: {game}{entry}={m[idx]:g} is outside [0, 1]")
     total = m + np.swapaxes(m, -1, -2)
     bad = np.argwhere(np.abs(total - 1.0) > tol)
     if len(bad):
         idx = tuple(int(x) for x in bad[0])
-        *game, i, j = idx
-        if i == j:
-            raise GameError(f"{source}: {_entry(idx)}={m[idx]:g}, expected 0.5 (a response ties with itself)")
-        mirror = (*game, j, i)
+        game, entry = _entry(idx)
+        if idx[-1] == idx[-2]:
+            raise GameError(f"{source}: {game}{entry}={m[idx]:g}, expected 0.5 (a response ties with itself)")
+        mirror = (*idx[:-2], idx[-1], idx[-2])
         raise GameError(
-            f"{source}: {_entry(idx)}={m[idx]:g} and {_entry(mirror)}={m[mirror]:g} sum to "
+            f"{source}: {game}{entry}={m[idx]:g} and {_entry(mirror)[1]}={m[mirror]:g} sum to "
             f"{total[idx]:g}; a preference matrix needs M[i][j] + M[j][i] = 1 (tolerance {tol:g})"
         )
     return (m + 1.0 - np.swapaxes(m, -1, -2)) / 2.0
@@ -439,6 +441,24 @@ class _Recorder:
         self.pending = 0
 
 
+#: Below this many matrix entries per batch (B·n²), a CPU run uses one thread: the ops are too
+#: small to split, and on a busy machine thread hand-offs made runs ten times slower.
+SINGLE_THREAD_BELOW = 1 << 20
+
+
+@contextmanager
+def _threads_for(m: Tensor) -> Iterator[None]:
+    if m.device.type != "cpu" or m.numel() >= SINGLE_THREAD_BELOW:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_dynamics(
     matrices: np.ndarray | Tensor,
     start: np.ndarray | Tensor,
@@ -486,22 +506,23 @@ def run_dynamics(
     round_policies: list[Tensor] = []
     recorder.add(logp)
     slot = 1
-    for k in range(iterations):
-        this_round = reference.round_of(k)
-        if this_round != round_index:
-            round_index = this_round
-            _apply_strength(solver, reference, round_index)
-        logp = solver.population_update(logp, ref_logp, win_rate)
-        moved = reference.update(ref, {"logits": logp}, k)
-        if moved is not None:
-            ref = moved
-            ref_logp = ref["logits"].to(dev, torch.float64).log_softmax(-1)
-            round_ends.append(k + 1)
-            round_policies.append(logp.exp())
-        if slot < len(steps) and steps[slot] == k + 1:
-            recorder.add(logp)
-            slot += 1
-    recorder.flush()
+    with _threads_for(m):
+        for k in range(iterations):
+            this_round = reference.round_of(k)
+            if this_round != round_index:
+                round_index = this_round
+                _apply_strength(solver, reference, round_index)
+            logp = solver.population_update(logp, ref_logp, win_rate)
+            moved = reference.update(ref, {"logits": logp}, k)
+            if moved is not None:
+                ref = moved
+                ref_logp = ref["logits"].to(dev, torch.float64).log_softmax(-1)
+                round_ends.append(k + 1)
+                round_policies.append(logp.exp())
+            if slot < len(steps) and steps[slot] == k + 1:
+                recorder.add(logp)
+                slot += 1
+        recorder.flush()
     _check_finite(recorder.metrics["gap"], steps)
     empty = torch.empty(0, *m.shape[:2], dtype=torch.float64)
     return Trajectory(
