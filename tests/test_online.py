@@ -19,7 +19,7 @@ from comalkit.testing import run_job
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
     "model=tiny", "oracle=rule", "trainer=fast", "task.iterations=2", "task.samples_per_prompt=3",
-    "task.max_new_tokens=8", "task.eval_prompts=2", "data.split_size=3",
+    "task.max_new_tokens=8", "task.eval_prompts=2", "data.split_size=3", "reference.strengths=[0.5,0.1]",
 ]  # fmt: skip
 
 
@@ -36,6 +36,7 @@ def test_online_run_writes_summary_metrics_and_checkpoints(uninterrupted):
     assert json.loads((out / "summary.json").read_text())["final_checkpoint"] == summary["final_checkpoint"]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1]
+    assert [r["strength"] for r in rows] == [0.5, 0.1]  # the per-round schedule reached the solver
     for row in rows:
         assert 0.0 <= row["win_rate/previous"] <= 1.0 and 0.0 <= row["win_rate/initial"] <= 1.0
         assert row["pairs"] > 0 and row["train_steps"] >= 1
