@@ -381,9 +381,10 @@ class LMPolicy:
         """``n`` responses per prompt, decoded without special tokens: ``result[i][j]``.
 
         Pure temperature + nucleus sampling (no top-k, no repetition penalty);
-        ``temperature=0`` decodes greedily. Prompts are left-padded for generation and run
-        ``batch_size`` sequences at a time. The same seed, inputs and ``batch_size`` give the
-        same outputs on the CPU; the global RNG is left as it was.
+        ``temperature=0`` decodes greedily. Rows are grouped by prompt length, left-padded and
+        run ``batch_size`` at a time; each batch stops at ``max_length`` minus its longest
+        prompt, so every response can be scored whole. The same seed, inputs and
+        ``batch_size`` give the same outputs on the CPU; the global RNG is left as it was.
         """
         if n < 1 or batch_size < 1 or max_new_tokens < 1:
             raise ValueError(
@@ -393,32 +394,39 @@ class LMPolicy:
             raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
         from transformers import GenerationConfig
 
-        max_new_tokens = min(max_new_tokens, self.max_length - 1)
         rows = [self.prompt_ids(p, i) for i, p in enumerate(prompts) for _ in range(n)]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # less padding per batch
         greedy = temperature == 0
         config = GenerationConfig(
             do_sample=not greedy,
             temperature=None if greedy else temperature,
             top_p=None if greedy else top_p,
             top_k=None if greedy else 0,
-            max_new_tokens=max_new_tokens,
             eos_token_id=self.end_of_turn_id,
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
         )
-        texts: list[str] = []
+        texts: list[str] = [""] * len(rows)
         devices = [self.device] if self.device.type == "cuda" else []
         with self.using(snapshot), _eval_mode(self.model), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                input_ids, attention_mask = _left_pad(chunk, self.tokenizer.pad_token_id, self.device)
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                input_ids, attention_mask = _left_pad(
+                    [rows[i] for i in chunk], self.tokenizer.pad_token_id, self.device
+                )
+                width = input_ids.shape[1]
                 with self.autocast():
                     out = self.model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        generation_config=config,
+                        max_new_tokens=min(max_new_tokens, self.max_length - width),
                     )
-                new = out[:, input_ids.shape[1] :].cpu()
-                texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
+                for i, text in zip(
+                    chunk, self.tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
+                ):
+                    texts[i] = text
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     # -- checkpoints ------------------------------------------------------------------------------

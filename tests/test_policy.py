@@ -277,6 +277,21 @@ def test_greedy_batched_left_padded_generation_matches_unbatched():
     assert batched[1][0] == tok.decode(out, skip_special_tokens=True)
 
 
+def test_generation_stops_where_the_longest_prompt_of_a_batch_leaves_no_room(monkeypatch):
+    policy = tiny_policy(max_length=48, max_prompt_length=40)
+    seen = []
+    generate = policy.model.generate
+
+    def spy(**kwargs):
+        seen.append((kwargs["input_ids"].shape[1], kwargs["max_new_tokens"]))
+        return generate(**kwargs)
+
+    monkeypatch.setattr(policy.model, "generate", spy)
+    out = policy.sample(["hi", "a bit longer prompt"], n=1, max_new_tokens=100, batch_size=1)
+    assert [len(r) for r in out] == [1, 1]
+    assert [w + m for w, m in seen] == [48, 48] and seen[0][0] < seen[1][0]  # shorter prompt first
+
+
 def test_sampling_from_a_snapshot():
     policy = tiny_policy()
     initial = policy.snapshot()
