@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from comalkit.interfaces import LossOutput, PairLogps, WinRateFn
@@ -17,19 +18,19 @@ _MAX_STEPS = 100
 
 
 def lambert_w(log_x: Tensor) -> Tensor:
-    """The principal branch W(x), x = exp(log_x) ≥ 0, by Newton on ``e^v + v = log x`` (v = log W).
+    """The principal branch W(x) for x = exp(log_x) ≥ 0, from log x so that nothing overflows.
 
-    The function is increasing and convex in v and the start is right of the root, so the
-    iterates decrease monotonically to it. Working from log x avoids overflow for large x.
+    Winitzki's approximation ``W ≈ ℓ(1 − log(1+ℓ)/(2+ℓ))``, ``ℓ = log(1+x)`` (W ≈ x for tiny
+    x), then two Halley steps on ``e^v + v = log x`` (v = log W; cubic convergence): relative
+    error ≤ 4e-15 against SciPy for x in [e^-700, e^700], with no data-dependent loop.
     """
     log_x = log_x.clamp(min=-700.0)  # W(e^-700) ≈ 1e-304: zero for every purpose here
-    v = torch.where(log_x > 1, log_x.clamp(min=1).log(), log_x)
-    for _ in range(_MAX_STEPS):
+    ell = F.softplus(log_x)
+    v = torch.where(log_x < -30, log_x, (ell * (1 - torch.log1p(ell) / (2 + ell))).log())
+    for _ in range(2):
         ev = v.exp()
-        step = (ev + v - log_x) / (ev + 1)
-        v = v - step
-        if bool((step.abs() <= 4 * _EPS * (1 + v.abs())).all()):
-            break
+        f, df = ev + v - log_x, ev + 1
+        v = v - 2 * f * df / (2 * df * df - f * ev)
     return v.exp()
 
 
