@@ -56,10 +56,6 @@ class PairSolver(SubgameSolver):
     def pair_losses(self, batch: PairLogps) -> LossOutput:
         """Per-pair losses for a batch already checked by :meth:`check_batch`."""
 
-    def objective(self, batch: PairLogps) -> Tensor:
-        """The scalar that training minimises: the ``batch.weight``-weighted mean of the pair losses."""
-        return self.loss(batch).mean(batch.weight)
-
     def set_strength(self, value: float) -> None:
         name = type(self).__name__
         if self.strength_field is None:
