@@ -442,8 +442,8 @@ class _Recorder:
 
 
 #: Below this many matrix entries per batch (B·n²), a CPU run uses one thread: the ops are too
-#: small to split, and on a busy machine thread hand-offs made runs ten times slower.
-SINGLE_THREAD_BELOW = 1 << 20
+#: small to split (on the 2-core CI machine, 2 threads made B=1000, n=50 three times slower).
+SINGLE_THREAD_BELOW = 1 << 24
 
 
 @contextmanager
@@ -506,7 +506,7 @@ def run_dynamics(
     round_policies: list[Tensor] = []
     recorder.add(logp)
     slot = 1
-    with _threads_for(m):
+    with _threads_for(m), torch.no_grad():  # the dynamics never need gradients
         for k in range(iterations):
             this_round = reference.round_of(k)
             if this_round != round_index:
