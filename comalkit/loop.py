@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,9 +175,10 @@ class MetaLoop:
 
         prompts, responses = self._stage(d / "samples.json", "sample", k, lambda: self._sample(k))
         wins = self._stage(d / "wins.pt", "judge", k, lambda: self._judge(prompts, responses))
-        records = self._stage(
+        pairs = self._stage(
             d / "pairs.pt", "logps", k, lambda: self._pairs(prompts, responses, wins, last, reference)
         )
+        records = pairs["records"]
         if not records:
             raise RuntimeError(
                 f"iteration {k}: the pair builder produced no pairs (all sampled responses tied); "
@@ -192,7 +193,7 @@ class MetaLoop:
             **train_metrics.get("train", {}),
             "train_steps": train_metrics.get("steps"),
             **{k_: v for k_, v in evaluation.items() if k_ != "responses"},
-            "pairs": len(records),
+            **pairs["stats"],
             "response_chars": sum(lengths) / max(len(lengths), 1),
             **{f"time/{name}": round(sec, 3) for name, sec in self.stage_times.items()},
         }
@@ -223,12 +224,14 @@ class MetaLoop:
     def _judge(self, prompts: list[str], responses: list[list[str]]) -> list[torch.Tensor]:
         return [self.oracle.win_matrix(p, rs) for p, rs in zip(prompts, responses)]
 
-    def _pairs(self, prompts, responses, wins, last: Snapshot, reference: Snapshot) -> list[dict[str, Any]]:
-        records = self.pair_builder.build(prompts, responses, wins)
+    def _pairs(self, prompts, responses, wins, last: Snapshot, reference: Snapshot) -> dict[str, Any]:
+        """Training pairs with their frozen log-probs, and the builder's counts (pairs, skipped prompts)."""
+        built = self.pair_builder.build(prompts, responses, wins)
         if same_snapshot(last, reference):
             reference = last  # right after a prox step μ = π_t: one log-prob pass serves both
-        return self.precompute(self.policy, records, self.solver, last=last, reference=reference,
-                               batch_size=self.settings.logp_batch_size)  # fmt: skip
+        records = self.precompute(self.policy, built, self.solver, last=last, reference=reference,
+                                  batch_size=self.settings.logp_batch_size)  # fmt: skip
+        return {"records": records, "stats": built.stats()}
 
     def _stage_train(self, d: Path, k: int, records: list[dict[str, Any]]) -> dict[str, Any]:
         path = d / "policy.safetensors"

@@ -132,7 +132,7 @@ class Registry:
                 default=f.default, default_factory=f.default_factory, metadata=f.metadata
             )
             fields.append((f.name, hints.get(f.name, f.type), spec))
-        schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+        schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields, kw_only=True)
         schema.__module__ = cls.__module__  # so string annotations resolve in the plugin's module
         return schema
 
@@ -228,7 +228,7 @@ def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every plugin group's values against its fields' range limits; raise ConfigError."""
-    choices = _hydra_choices()
+    choices = current_choices()
     for group in PLUGIN_GROUPS:
         node = cfg.get(group)
         if node is None or not isinstance(node, DictConfig):
@@ -257,10 +257,16 @@ def _validate_dataclass(prefix: str, cls: type, node: DictConfig) -> None:
             _check_value(key, value, dict(f.metadata))
 
 
-def _hydra_choices() -> dict[str, str]:
+def current_choices() -> dict[str, str]:
+    """The option chosen for each config group in the running Hydra job ({} outside one)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         return dict(HydraConfig.get().runtime.choices)
     except Exception:
         return {}
+
+
+def current_choice(group: str) -> str:
+    """The option chosen for ``group`` (``"?"`` if unknown), for error messages."""
+    return current_choices().get(group) or "?"

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from comalkit.interfaces import RunContext, Task
 from comalkit.outputs import write_json
-from comalkit.registry import ConfigError, instantiate, param, plugin
+from comalkit.registry import ConfigError, current_choice, instantiate, param, plugin
 
 log = logging.getLogger("comalkit.evaluate")
 #: the name of the untrained model when ``include_initial`` is set
@@ -117,7 +117,7 @@ class EvaluateTask(Task):
         finally:
             oracle.close()
         sources = {
-            n: str(p) if p else f"model={_choice('model')} (untrained)" for n, p in contestants.items()
+            n: str(p) if p else f"model={current_choice('model')} (untrained)" for n, p in contestants.items()
         }
         paths = write_results(result, run.out_dir, extra={"sources": sources, "seed": seed})
         log.info("round robin (row vs column):\n%s", result.to_csv())
@@ -152,12 +152,12 @@ class EvaluateTask(Task):
         source = instantiate(cfg.data)
         if not hasattr(source, "eval_prompts"):
             raise ConfigError(
-                f"data={_choice('data')} gives no held-out prompts; use data=bundled or data=prompts"
+                f"data={current_choice('data')} gives no held-out prompts; use data=bundled or data=prompts"
             )
         prompts = source.eval_prompts()
         if not prompts:
             raise ConfigError(
-                f"data={_choice('data')} has no held-out prompts: set data.eval_path=<file> or data.eval_size=<n>"
+                f"data={current_choice('data')} has no held-out prompts: set data.eval_path=<file> or data.eval_size=<n>"
             )
         return prompts[: self.max_prompts] if self.max_prompts else prompts
 
@@ -219,12 +219,3 @@ def without_lora(model: Any) -> Any:
 def _modified(path: Path) -> float:
     """The latest modification time of a checkpoint's files (a retrained checkpoint is sampled again)."""
     return max((f.stat().st_mtime for f in path.iterdir() if f.is_file()), default=0.0)
-
-
-def _choice(group: str) -> str:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get().runtime.choices.get(group, "?")
-    except Exception:
-        return "?"

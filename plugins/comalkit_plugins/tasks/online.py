@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from comalkit.interfaces import RunContext, Task
-from comalkit.registry import ConfigError, instantiate, param, plugin
+from comalkit.registry import ConfigError, current_choice, instantiate, param, plugin
 
 log = logging.getLogger("comalkit")
 
@@ -46,7 +46,7 @@ class OnlineTask(Task):
 
         solver = instantiate(cfg.solver)
         if not solver.language_model:
-            raise ConfigError(f"solver={_choice('solver')} runs on exact games only (experiment=synthetic); "
+            raise ConfigError(f"solver={current_choice('solver')} runs on exact games only (experiment=synthetic); "
                               "choose a language-model solver such as dpo, ipo, sppo, inpo or mpo")  # fmt: skip
         pair_builder = instantiate(cfg.pairs)
         check_compatible(solver, pair_builder)
@@ -81,12 +81,3 @@ class OnlineTask(Task):
             oracle.close()
         summary["oracle"] = oracle.diagnostics() if hasattr(oracle, "diagnostics") else {}
         return summary
-
-
-def _choice(group: str) -> str:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get().runtime.choices.get(group, "?")
-    except Exception:
-        return "?"
