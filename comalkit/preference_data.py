@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+from comalkit.registry import ConfigError
+
 Message = dict[str, str]
 
 #: the keys every row needs (``prompt`` may be implicit in conversational rows)
@@ -43,7 +45,7 @@ class PreferenceRecord(TypedDict, total=False):
     ref_rejected: float
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(ConfigError):
     """A preference file is missing, malformed or empty; the message names the file (and line)."""
 
 

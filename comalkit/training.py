@@ -381,12 +381,16 @@ class RunLogger(Logger):
 
 
 def build_trainer(
-    cfg: TrainerConfig, out_dir: str | Path, run: RunContext | None = None, step_offset: int = 0
+    cfg: TrainerConfig,
+    out_dir: str | Path,
+    run: RunContext | None = None,
+    step_offset: int = 0,
+    callbacks: Sequence[L.Callback] = (),
 ) -> L.Trainer:
     """A ``lightning.Trainer`` with the ``trainer`` group's settings; metrics go to ``run`` if given."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    callbacks = []
+    callbacks = list(callbacks)
     if cfg.checkpoint.enabled:
         callbacks.append(
             ModelCheckpoint(
@@ -438,13 +442,15 @@ def fit(
     val_records: Sequence[PreferenceRecord] | None = None,
     run: RunContext | None = None,
     step_offset: int = 0,
+    callbacks: Sequence[L.Callback] = (),
 ) -> dict[str, Any]:
     """Train ``policy`` in place on preference pairs with ``solver``'s loss; return the metrics.
 
     Records must already carry what the solver reads (:func:`precompute_logps`). With
     ``val_records``, held-out metrics (``eval_loss``, ``eval_rewards/accuracies``, ...) are
     measured before and after training. Metrics of every step go to ``run.log`` at step
-    ``step_offset + optimizer step`` (the online loop offsets each iteration).
+    ``step_offset + optimizer step`` (the online loop offsets each iteration). ``callbacks``
+    are extra Lightning callbacks (e.g. timers).
 
     Returns ``{"steps", "seconds", "train": last step's metrics, "eval_before", "eval_after"}``.
     """
@@ -460,7 +466,7 @@ def fit(
     was_training = policy.model.training
     try:
         with _quiet_lightning():
-            trainer = build_trainer(cfg, out_dir, run, step_offset)
+            trainer = build_trainer(cfg, out_dir, run, step_offset, callbacks)
             policy.model.train()  # models load in eval mode; Lightning keeps each submodule's mode
             if val_loader is not None:
                 result["eval_before"] = _scalars(trainer.validate(module, val_loader, verbose=False)[0])
