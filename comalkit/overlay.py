@@ -1,7 +1,7 @@
 """Overlay the metric curves of several runs in one figure (the paper's Figure 1(a)).
 
     python -m comalkit -m experiment=synthetic solver=iter_ipo,sppo,inpo,extragradient reference=fixed,prox
-    python -m comalkit.overlay multirun/<date>/<time> [--out fig.png] [--metric gap]
+    python -m comalkit.overlay multirun/<date>/<time> [--out fig.png] [--metric gap | --simplex]
 
 Every directory given (a multirun's sweep directory, or single run directories) is searched
 for job directories holding ``metrics.jsonl``. A job's label is the overrides from its
@@ -12,6 +12,7 @@ solvers is labelled ``solver=iter_ipo``, ``solver=sppo``, ...
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,6 +65,30 @@ def labels(jobs: Sequence[Job]) -> list[str]:
     return names
 
 
+def overlay_simplex(roots: Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """Draw every job's policy trajectory on one simplex (3-response games; the paper's Figure 3)."""
+    from comalkit.plots import plot_simplex_paths
+
+    jobs = find_jobs(roots)
+    paths = []
+    for job, label in zip(jobs, labels(jobs)):
+        policies = [
+            r["policy"] for r in job.rows if isinstance(r.get("policy"), list) and len(r["policy"]) == 3
+        ]
+        if policies:
+            paths.append((label, np.array(policies)))
+    if not paths:
+        raise ValueError(
+            "no job logged 3-response policies ('policy' in metrics.jsonl): --simplex needs them"
+        )
+    summary = jobs[0].path / "summary.json"
+    if not summary.is_file():
+        raise FileNotFoundError(f"{summary} is missing: it holds the Nash policy to mark")
+    nash = json.loads(summary.read_text())["nash_policy"]
+    out = Path(out) if out is not None else Path(roots[0]) / "overlay_simplex.png"
+    return plot_simplex_paths(paths, np.array(nash), out)
+
+
 def overlay(
     roots: Sequence[str | Path], out: str | Path | None = None, metric: str = "gap", log: bool = True
 ) -> Path:
@@ -94,9 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="output PNG (default: <first dir>/overlay_<metric>.png)")
     parser.add_argument("--metric", default="gap", help="a key of metrics.jsonl (default: gap)")
     parser.add_argument("--linear", action="store_true", help="linear instead of log y axis")
+    parser.add_argument(
+        "--simplex", action="store_true", help="draw the policy trajectories on the simplex instead"
+    )
     args = parser.parse_args(argv)
     try:
-        path = overlay(args.dirs, args.out, args.metric, log=not args.linear)
+        if args.simplex:
+            path = overlay_simplex(args.dirs, args.out)
+        else:
+            path = overlay(args.dirs, args.out, args.metric, log=not args.linear)
     except (FileNotFoundError, ValueError) as exc:
         print(f"comalkit.overlay: {exc}", file=sys.stderr)
         return 2

@@ -82,6 +82,25 @@ def _barycentric(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p[..., 1] + 0.5 * p[..., 2], (np.sqrt(3) / 2) * p[..., 2]
 
 
+def _simplex_axes(ax, labels: Sequence[str]) -> None:
+    """The triangle with its vertices named, on an axis without frame."""
+    corners = np.eye(3)
+    cx, cy = _barycentric(np.r_[corners, corners[:1]])
+    ax.plot(cx, cy, color="0.3", linewidth=1)
+    offsets = [(-0.04, -0.05), (0.04, -0.05), (0, 0.04)]
+    for x, y, name, (dx, dy) in zip(cx[:3], cy[:3], labels, offsets):
+        ax.annotate(name, (x + dx, y + dy), ha="center", va="center")
+    ax.set_aspect("equal")
+    ax.set_xlim(-0.1, 1.1)
+    ax.set_ylim(-0.1, 0.97)
+    ax.axis("off")
+
+
+def _mark_nash(ax, nash: np.ndarray) -> None:
+    nx, ny = _barycentric(nash)
+    ax.plot(nx, ny, "*", color="tab:red", markersize=14, label="π* (Nash)", zorder=4)
+
+
 def plot_simplex(
     policies: np.ndarray,
     nash: np.ndarray,
@@ -101,26 +120,37 @@ def plot_simplex(
     games = min(policies.shape[1], 4)
     fig = _figure(4.2 * games, 4.0)
     axes = fig.subplots(1, games, squeeze=False)[0]
-    corners = np.eye(3)
     for g, ax in enumerate(axes):
-        cx, cy = _barycentric(np.r_[corners, corners[:1]])
-        ax.plot(cx, cy, color="0.3", linewidth=1)
-        for (x, y), name, (dx, dy) in zip(
-            zip(cx[:3], cy[:3]), labels, [(-0.04, -0.05), (0.04, -0.05), (0, 0.04)]
-        ):
-            ax.annotate(name, (x + dx, y + dy), ha="center", va="center")
+        _simplex_axes(ax, labels)
         x, y = _barycentric(policies[:, g])
         ax.scatter(x, y, c=np.linspace(0, 1, len(x)), cmap="viridis", s=4, zorder=2)
         ax.plot(x, y, color="0.5", linewidth=0.5, alpha=0.6, zorder=1)
         ax.plot(x[0], y[0], "o", color="tab:blue", markersize=7, label="start", zorder=3)
         ax.plot(x[-1], y[-1], "s", color="tab:orange", markersize=6, label="last iterate", zorder=3)
-        nx, ny = _barycentric(nash[g])
-        ax.plot(nx, ny, "*", color="tab:red", markersize=14, label="π* (Nash)", zorder=4)
-        ax.set_aspect("equal")
-        ax.set_xlim(-0.1, 1.1)
-        ax.set_ylim(-0.1, 0.97)
-        ax.axis("off")
+        _mark_nash(ax, nash[g])
         if g < len(titles):
             ax.set_title(titles[g])
     axes[0].legend(loc="upper left", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_simplex_paths(
+    paths: Sequence[tuple[str, np.ndarray]],
+    nash: np.ndarray,
+    path: str | Path,
+    *,
+    labels: Sequence[str] = ("y1", "y2", "y3"),
+) -> Path:
+    """Several runs' trajectories (``(label, [R, 3])``) on one simplex of the same game, π* marked."""
+    fig = _figure(6.0, 5.2)
+    ax = fig.add_subplot()
+    _simplex_axes(ax, labels)
+    for label, policies in paths:
+        x, y = _barycentric(np.asarray(policies, dtype=float))
+        (line,) = ax.plot(x, y, linewidth=1, alpha=0.8, label=label)
+        ax.plot(x[-1], y[-1], "s", color=line.get_color(), markersize=5)
+    x0, y0 = _barycentric(np.asarray(paths[0][1][0], dtype=float))
+    ax.plot(x0, y0, "o", color="k", markersize=6, label="start", zorder=3)
+    _mark_nash(ax, np.asarray(nash, dtype=float))
+    ax.legend(loc="upper left", fontsize="x-small")
     return _save(fig, path)

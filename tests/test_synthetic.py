@@ -146,5 +146,7 @@ def test_overlay_draws_every_job_of_a_sweep(tmp_path, capsys):
     assert is_png(tmp_path / "fig.png")
     assert overlay.main([str(sweep), "--metric", "kl_to_nash"]) == 0
     assert is_png(sweep / "overlay_kl_to_nash.png")
+    assert overlay.main([str(sweep), "--simplex"]) == 0  # paper3: the trajectories on one simplex
+    assert is_png(sweep / "overlay_simplex.png")
     assert overlay.main([str(tmp_path / "nothing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
