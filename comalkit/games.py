@@ -13,7 +13,8 @@ only (no plugin is imported here):
   :class:`~comalkit.interfaces.SubgameSolver` with any
   :class:`~comalkit.interfaces.ReferenceUpdater` on a ``[B, n]`` batch of games.
 
-Formulas follow ``shared/algorithms.md`` (the COMAL paper, Tang et al. 2025, Sections 2-4).
+Formulas follow ``shared/algorithms.md`` (the COMAL paper: Liu et al. 2025, "COMAL: A Convergent
+Meta-Algorithm for Aligning LLMs with General Preferences").
 """
 
 from __future__ import annotations

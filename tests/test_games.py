@@ -1,5 +1,5 @@
 """comalkit.games: validation, loading, the LP Nash policy, metrics, the dynamics engine, and the
-COMAL paper's convergence claims (Sec. 5) on paper3 and on seeded random 5×5 and 10×10 games.
+COMAL paper's convergence claims (its synthetic study) on paper3 and on seeded random 5×5 and 10×10 games.
 
 The claims run the methods with the settings ``experiment=synthetic`` ships (its conf/tuning/
 files), built from the composed config exactly as ``python -m comalkit`` builds them.

@@ -1,4 +1,4 @@
-"""The three-response cyclic game of the COMAL paper (Liu et al. 2025, Sec. 5, Fig. 1 and 3)."""
+"""The three-response cyclic game of the COMAL paper (Liu et al. 2025, its Figures 1 and 3)."""
 
 from __future__ import annotations
 

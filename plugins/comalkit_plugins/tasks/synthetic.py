@@ -1,4 +1,4 @@
-"""``task=synthetic``: run a solver + reference updater on exact preference games (the paper's Sec. 5)."""
+"""``task=synthetic``: run a solver + reference updater on exact preference games (the COMAL paper's synthetic study)."""
 
 from __future__ import annotations
 
