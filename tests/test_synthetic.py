@@ -150,3 +150,23 @@ def test_overlay_draws_every_job_of_a_sweep(tmp_path, capsys):
     assert is_png(sweep / "overlay_simplex.png")
     assert overlay.main([str(tmp_path / "nothing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def _options(group: str) -> list[str]:
+    from comalkit.__main__ import load_plugins
+    from comalkit.registry import registry
+
+    load_plugins()
+    return registry.names(group)
+
+
+@pytest.mark.parametrize(
+    ("solver", "reference"),
+    [(s, "prox") for s in _options("solver")] + [("inpo", r) for r in _options("reference") if r != "prox"],
+)
+def test_every_solver_and_reference_composes_and_runs(tmp_path, solver, reference):
+    """Each plugin composes with experiment=synthetic's settings and produces finite metrics."""
+    overrides = ["experiment=synthetic", f"solver={solver}", f"reference={reference}", "task.iterations=100"]
+    summary = run_job([*overrides, "task.plots=false"], tmp_path)
+    assert 0 <= summary["gap"] <= 1 and np.isfinite(summary["kl_to_nash"])
+    assert sum(summary["final_policy"]) == pytest.approx(1.0, abs=1e-12)
