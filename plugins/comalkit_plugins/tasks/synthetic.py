@@ -11,7 +11,7 @@ import numpy as np
 
 from comalkit.games import GameBatch, GameSource, Trajectory, nash_policy, resolve_device, run_dynamics
 from comalkit.interfaces import RunContext, Task
-from comalkit.registry import ConfigError, instantiate, param, plugin
+from comalkit.registry import ConfigError, current_choice, instantiate, param, plugin
 
 log = logging.getLogger(__name__)
 #: Policies are logged per iteration only for games this small (they are always in summary.json).
@@ -110,14 +110,12 @@ class SyntheticTask(Task):
 
 
 def _method_name(cfg: Any) -> str:
-    """``solver + reference`` as chosen on the command line, for titles."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choices = HydraConfig.get().runtime.choices
-        return f"{choices.get('solver')} + {choices.get('reference')}"
-    except Exception:
-        return f"{cfg.solver._target_.rsplit('.', 1)[-1]} + {cfg.reference._target_.rsplit('.', 1)[-1]}"
+    """``solver + reference`` as chosen on the command line (class names outside Hydra), for titles."""
+    names = []
+    for group in ("solver", "reference"):
+        choice = current_choice(group)
+        names.append(choice if choice != "?" else cfg[group]._target_.rsplit(".", 1)[-1])
+    return " + ".join(names)
 
 
 def _summary(traj: Trajectory, batch: GameBatch, nash: np.ndarray) -> dict[str, Any]:
