@@ -37,9 +37,21 @@ def test_bundled_files_are_diverse_short_and_disjoint():
     assert len(categories) >= 10
 
 
-def test_bundled_default_cycles_the_six_parts_like_comal():
+def test_bundled_default_is_quick_and_covers_the_pool_in_order():
     source = BundledPrompts()
     assert registry.get("data", "bundled") is BundledPrompts
+    pool = [
+        json.loads(x)["prompt"]
+        for i in range(6)
+        for x in (BUNDLED_DIR / f"train_{i}.jsonl").read_text().splitlines()
+    ]
+    assert source.num_splits == 300 // 16
+    assert source.split(0) == pool[:16] and source.split(1) == pool[16:32]
+    assert source.split(source.num_splits) == source.split(0)
+
+
+def test_bundled_split_size_50_cycles_the_six_parts_like_comal():
+    source = BundledPrompts(split_size=50)
     assert source.num_splits == 6
     parts = [
         [json.loads(x)["prompt"] for x in (BUNDLED_DIR / f"train_{i}.jsonl").read_text().splitlines()]
