@@ -13,6 +13,8 @@ Variants (``--variants``):
   reference log-probs precomputed once with :func:`comalkit.training.precompute_logps`
   (their one-off cost is reported as ``precompute_s`` and amortised in ``tok/s incl. ref``).
 * ``comalkit-fp32w``: the same with fp32 base weights.
+* ``comalkit-nolean``: ``comalkit`` with ``trainer.lean_logps=false`` (the policy's own
+  ``sequence_logps``, which keeps the response logits for the backward pass).
 * ``trl``: TRL's defaults for this setup: fp32 weights, ``bf16=True`` (CPU autocast), the
   reference forward (adapter disabled) inside every step.
 * ``trl-bf16w``: TRL with bf16 base weights.
@@ -44,6 +46,7 @@ from typing import Any
 VARIANTS: dict[str, dict[str, Any]] = {
     "comalkit": {"side": "comalkit", "weights": "bfloat16"},
     "comalkit-fp32w": {"side": "comalkit", "weights": "float32"},
+    "comalkit-nolean": {"side": "comalkit", "weights": "bfloat16", "lean_logps": False},
     "trl": {"side": "trl", "weights": "float32", "precompute": False},
     "trl-bf16w": {"side": "trl", "weights": "bfloat16", "precompute": False},
     "trl-precompute": {"side": "trl", "weights": "float32", "precompute": True},
@@ -119,7 +122,8 @@ def run_comalkit(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, 
 
     timer = Timer()
     cfg = {"accelerator": "cpu", "precision": "bf16-mixed", "max_steps": steps, "batch_size": 4, "shuffle": False,
-           "lr": LR, "scheduler": {"name": "constant"}, "gradient_clip_val": 1.0, "enable_progress_bar": False}  # fmt: skip
+           "lr": LR, "scheduler": {"name": "constant"}, "gradient_clip_val": 1.0, "enable_progress_bar": False,
+           "lean_logps": spec.get("lean_logps", True)}  # fmt: skip
     result = fit(policy, dpo, records, cfg, out, callbacks=[timer])
     return {"times": timer.times, "tokens": timer.tokens, "loaded_rss_gb": loaded, "precompute_s": precompute_s,
             "precompute_pairs": len(pairs), "final_loss": result["train"]["loss"]}  # fmt: skip

@@ -102,16 +102,20 @@ def test_bad_data_and_game_only_solvers_fail_clearly(tmp_path: Path) -> None:
 def test_offline_dpo_on_smollm2_improves_held_out_loss_and_accuracy(tmp_path: Path) -> None:
     """The issue's acceptance check: DPO on the bundled model learns the sample preferences and generalises.
 
-    LoRA r=16 on q/k/v/o, bf16 autocast, 48 training pairs (12 steps of 4), 24 held-out pairs.
+    LoRA r=16 on q/k/v/o, bf16 autocast, 32 training pairs (8 steps of 4), 16 held-out pairs
+    with unseen prompts; about 3 CPU-minutes. Before training the policy is its own reference,
+    so held-out rewards are bf16 rounding noise (|margin| < 0.01) and accuracy is near chance or below.
     """
     summary = run_job(
-        ["experiment=offline", "model=smollm2", "data.limit=48", "data.eval_limit=24", "trainer.batch_size=4",
+        ["experiment=offline", "model=smollm2", "data.limit=32", "data.eval_limit=16", "trainer.batch_size=4",
          "trainer.lr=5e-4", "trainer.precision=bf16-mixed", "trainer.enable_progress_bar=false",
          "model.max_length=128", "model.max_prompt_length=96"],
         tmp_path,
     )  # fmt: skip
     before, after = summary["eval_before"], summary["eval_after"]
-    assert after["eval_loss"] < before["eval_loss"] - 0.05
-    assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"] + 0.2
-    assert after["eval_rewards/margins"] > 0
+    assert summary["steps"] == 8
+    assert abs(before["eval_rewards/margins"]) < 0.01
+    assert after["eval_loss"] < before["eval_loss"] - 0.03
+    assert after["eval_rewards/accuracies"] >= 0.75 > before["eval_rewards/accuracies"]
+    assert after["eval_rewards/margins"] > 0.05
     assert (tmp_path / "checkpoint" / "adapter_model.safetensors").is_file()

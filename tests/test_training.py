@@ -20,6 +20,7 @@ from comalkit.training import (
     PreferenceModule,
     SchedulerConfig,
     fit,
+    lean_sequence_logps,
     lr_lambda,
     precompute_logps,
     required_keys,
@@ -101,6 +102,29 @@ def test_training_step_matches_the_loss_by_hand() -> None:
     )
     assert float(metrics["logps/chosen"]) == pytest.approx(float(chosen.mean()), abs=1e-4)
     assert loss.requires_grad
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_lean_logps_equal_the_policys_with_the_same_gradients(lora: bool) -> None:
+    """The chunked, recomputed LM head gives LMPolicy.sequence_logps' values and gradients (fp32)."""
+    policy = tiny_policy(lora)
+    perturb(policy)
+    records = pairs(3)
+    batch = policy.encode(
+        [r["prompt"] for r in records] * 2, [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    )
+    results = []
+    for score in (policy.sequence_logps, lambda *b: lean_sequence_logps(policy, *b, chunk=50)):
+        policy.model.zero_grad()
+        logps, counts = score(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        results.append((logps.detach(), counts, grads))
+    (ref, ref_counts, ref_grads), (lean, lean_counts, lean_grads) = results
+    assert torch.allclose(lean, ref, atol=1e-4) and torch.equal(lean_counts, ref_counts)
+    assert ref_grads.keys() == lean_grads.keys() and ref_grads
+    for name, grad in ref_grads.items():
+        assert torch.allclose(lean_grads[name], grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_precompute_adds_only_what_the_solver_reads() -> None:
