@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def resolve_template(name_or_path: str) -> Path:
         f"judge template '{name_or_path}' is neither a file nor a registered template name "
         f"(known names: {', '.join(known) or 'none'})"
     )
+
+
+def remove_all(text: str, needles: Sequence[str]) -> str:
+    """``text`` without any of ``needles``, removed until none is left, so that removing one
+    cannot join the rest into a new one (``[/RESP[/RESPONSE A]ONSE A]``)."""
+    previous = None
+    while previous != text:
+        previous = text
+        for needle in needles:
+            text = text.replace(needle, "")
+    return text
 
 
 @dataclass(frozen=True)
@@ -115,13 +127,8 @@ class JudgePrompt:
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
     def sanitize(self, value: str) -> str:
-        """``value`` with every delimiter removed (repeatedly, so removals cannot form a new one)."""
-        previous = None
-        while previous != value:
-            previous = value
-            for delimiter in self.delimiters:
-                value = value.replace(delimiter, "")
-        return value
+        """``value`` with every delimiter removed (see :func:`remove_all`)."""
+        return remove_all(value, self.delimiters)
 
     def render(self, prompt: str, a: str, b: str) -> str:
         """The filled template, with ``a`` in the first response slot and ``b`` in the second."""

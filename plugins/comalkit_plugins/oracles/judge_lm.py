@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from comalkit.judge_prompt import remove_all
 from comalkit.registry import param
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,8 @@ class JudgeModel:
 
     # -- text ---------------------------------------------------------------------------------
     def clean(self, text: str) -> str:
-        """``text`` without special-token strings (repeatedly, so removals cannot form a new one)."""
-        previous = None
-        while previous != text:
-            previous = text
-            for special in self._specials:
-                text = text.replace(special, "")
-        return text
+        """``text`` without special-token strings (see :func:`~comalkit.judge_prompt.remove_all`)."""
+        return remove_all(text, self._specials)
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=bos)["input_ids"]
