@@ -7,9 +7,9 @@ from the shipped check set. Each oracle is timed three ways:
 * ``cache, cold``: a fresh SQLite cache, so every judgment is made and stored;
 * ``cache, warm``: the same work again, answered from the cache (a rerun or a resume).
 
-LM judges load their model before timing starts. Run from the repository root:
+Each oracle answers one warm-up comparison first (LM judges load their model then). Run from the repository root:
 
-    .venv/bin/python bench/bench_oracles.py            # all local oracles (~3-5 min on 2 cores)
+    .venv/bin/python bench/bench_oracles.py            # all local oracles (~5 min on 2 idle cores)
     .venv/bin/python bench/bench_oracles.py --quick    # rule-based oracles and the HTTP round trip only
 """
 
@@ -20,12 +20,13 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from comalkit.interfaces import PreferenceOracle
+from comalkit.interfaces import Comparison, PreferenceOracle
 from comalkit.oracle_cache import CachedOracle
 from comalkit.registry import registry
 
@@ -85,7 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="no LM judges")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--gemma", action="store_true", help="also the Gemma-3-270M likelihood judge")
+    parser.add_argument(
+        "--gemma", action="store_true", help="also the Gemma-3-270M likelihood judge (pip package)"
+    )
     parser.add_argument(
         "--repeats", type=int, default=3, help="timings per oracle; the best counts (default 3)"
     )
@@ -97,50 +100,45 @@ def main() -> None:
     from comalkit.judge_prompt import JudgePrompt
     from comalkit.judge_server import JudgeServer, JudgeService
 
-    rows = []
     rule_work, lm_work = workload(40, 8), workload(8, 4)
     rules = [{"oracle": "rule", "kind": "longer"}, {"oracle": "rule", "kind": "rps"}]
     rules.append({"oracle": "rule", "kind": "keyword", "keywords": {"the": 1.0}})
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        rows.append(bench("rule (longer)", build("rule", kind="longer"), rule_work, tmp, args.repeats))
-        rows.append(bench("rule (rps)", build("rule", kind="rps"), rule_work, tmp, args.repeats))
-        rows.append(
-            bench("mixture of 3 rules", build("mixture", components=rules), rule_work, tmp, args.repeats)
+    server = JudgeServer(JudgeService(build("rule", kind="longer"), JudgePrompt.load("pairwise")))
+    cases: list[tuple[str, Callable[[], PreferenceOracle], Work]] = [
+        ("rule (longer)", lambda: build("rule", kind="longer"), rule_work),
+        ("rule (rps)", lambda: build("rule", kind="rps"), rule_work),
+        ("mixture of 3 rules", lambda: build("mixture", components=rules), rule_work),
+        ("http_judge -> served rule", lambda: build("http_judge", base_url=server.url), workload(10, 6)),
+    ]
+    if not args.quick:
+        cases += [
+            ("llm_judge likelihood (smollm2)", lambda: build("llm_judge"), lm_work),
+            ("mixture of 2 reward models (smollm2)", lambda: build("mixture"), lm_work),
+            ("llm_judge prompted (smollm2)", lambda: build("llm_judge", mode="prompted"), lm_work[:4]),
+        ]
+    if args.gemma:
+        cases.append(
+            ("llm_judge likelihood (gemma3-270m)", lambda: build("llm_judge", judge="gemma3-270m"), lm_work)
         )
-        with JudgeServer(JudgeService(build("rule", kind="longer"), JudgePrompt.load("pairwise"))) as server:
-            http = build("http_judge", base_url=server.url, concurrency=4)
-            rows.append(bench("http_judge -> served rule", http, workload(10, 6), tmp, args.repeats))
-        if not args.quick:
-            judge = build("llm_judge")
-            judge.judge_model()  # load before timing
-            rows.append(bench("llm_judge likelihood (smollm2)", judge, lm_work, tmp, args.repeats))
-            rows.append(
-                bench("mixture of 2 reward models (smollm2)", build("mixture"), lm_work, tmp, args.repeats)
-            )
-            rows.append(
-                bench(
-                    "llm_judge prompted (smollm2)",
-                    build("llm_judge", mode="prompted"),
-                    lm_work[:4],
-                    tmp,
-                    args.repeats,
-                )
-            )
-            if args.gemma:
-                gemma = build("llm_judge", judge="gemma3-270m")
-                gemma.judge_model()
-                rows.append(bench("llm_judge likelihood (gemma3-270m)", gemma, lm_work, tmp, args.repeats))
     print(
         f"torch threads: {args.threads}; best of {args.repeats}; candidates per prompt: rules 8, http 6, LM judges 4"
     )
     print("| oracle | judgments | no cache (j/s) | cache, cold (j/s) | cache, warm (j/s) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['oracle']} | {r['judgments']} | {r['no_cache_per_s']:.4g} | {r['cold_cache_per_s']:.4g} "
-            f"| {r['warm_cache_per_s']:.4g} |"
-        )
+    print("|---|---|---|---|---|", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        for name, make, work in cases:
+            oracle = make()
+            oracle.compare([Comparison("warm-up", "a", "b")])  # loads models before timing
+            r = bench(name, oracle, work, Path(tmp_dir), args.repeats)
+            oracle.close()
+            rows.append(r)
+            print(
+                f"| {name} | {r['judgments']} | {r['no_cache_per_s']:.4g} | {r['cold_cache_per_s']:.4g} "
+                f"| {r['warm_cache_per_s']:.4g} |",
+                flush=True,
+            )
+    server.close()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
