@@ -162,6 +162,10 @@ class PreferenceOracle(ABC):
             m[j, i] = 1.0 - float(p)
         return m
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Oracle-specific counters (position consistency, failures, throughput); default: none."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release models, connections and caches."""
 

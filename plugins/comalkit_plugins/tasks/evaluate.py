@@ -126,8 +126,7 @@ class EvaluateTask(Task):
             "win_rates_json": str(paths["json"]),
             "heatmap": str(paths["heatmap"]),
         }
-        if hasattr(oracle, "diagnostics"):
-            summary["oracle"] = oracle.diagnostics()
+        summary["oracle"] = oracle.diagnostics()
         return summary
 
     # -- inputs ---------------------------------------------------------------------------------

@@ -79,5 +79,5 @@ class OnlineTask(Task):
             summary = loop.execute()
         finally:
             oracle.close()
-        summary["oracle"] = oracle.diagnostics() if hasattr(oracle, "diagnostics") else {}
+        summary["oracle"] = oracle.diagnostics()
         return summary
