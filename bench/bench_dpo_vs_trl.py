@@ -26,7 +26,9 @@ Usage::
     python bench/bench_dpo_vs_trl.py --variants comalkit,trl --steps 5 --repeats 2 --out bench.json
 
 Tokens/s counts the non-padding tokens of chosen and rejected sequences per optimizer step
-over the median step time. Peak memory is the process's maximum RSS (``ru_maxrss``).
+over the median step time; ``cpu s`` is the process CPU time of a step (less sensitive to
+other load on a shared machine than wall time). Peak memory is the process's maximum RSS
+(``ru_maxrss``); medians over repeats are reported.
 """
 
 from __future__ import annotations
@@ -110,22 +112,24 @@ def run_comalkit(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, 
         def __init__(self) -> None:
             self.times: list[float] = []
             self.tokens: list[int] = []
+            self.cpu: list[float] = []
 
         def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
             self.tokens.append(int(batch["attention_mask"].sum()))
 
         def on_train_batch_end(
             self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
             self.times.append(time.perf_counter() - self.start)
+            self.cpu.append(time.process_time() - self.cpu_start)
 
     timer = Timer()
     cfg = {"accelerator": "cpu", "precision": "bf16-mixed", "max_steps": steps, "batch_size": 4, "shuffle": False,
            "lr": LR, "scheduler": {"name": "constant"}, "gradient_clip_val": 1.0, "enable_progress_bar": False,
            "lean_logps": spec.get("lean_logps", True)}  # fmt: skip
     result = fit(policy, dpo, records, cfg, out, callbacks=[timer])
-    return {"times": timer.times, "tokens": timer.tokens, "loaded_rss_gb": loaded, "precompute_s": precompute_s,
+    return {"times": timer.times, "cpu": timer.cpu, "tokens": timer.tokens, "loaded_rss_gb": loaded, "precompute_s": precompute_s,
             "precompute_pairs": len(pairs), "final_loss": result["train"]["loss"]}  # fmt: skip
 
 
@@ -157,11 +161,14 @@ def run_trl(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, out: 
         def __init__(self) -> None:
             self.times: list[float] = []
 
+            self.cpu: list[float] = []
+
         def on_step_begin(self, *a: Any, **k: Any) -> None:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             self.times.append(time.perf_counter() - self.start)
+            self.cpu.append(time.process_time() - self.cpu_start)
 
     timer = Timer()
     lora = LoraConfig(
@@ -175,7 +182,7 @@ def run_trl(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, out: 
     logs = [h for h in trainer.state.log_history if "num_tokens" in h]
     totals = [int(h["num_tokens"]) for h in logs]
     tokens = [b - a for a, b in zip([0, *totals[:-1]], totals)]
-    return {"times": timer.times, "tokens": tokens, "loaded_rss_gb": loaded, "setup_s": setup_s,
+    return {"times": timer.times, "cpu": timer.cpu, "tokens": tokens, "loaded_rss_gb": loaded, "setup_s": setup_s,
             "final_loss": logs[-1]["loss"] if logs else None}  # fmt: skip
 
 
@@ -188,10 +195,10 @@ def child(name: str, warmup: int, steps: int, threads: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         runner = run_comalkit if spec["side"] == "comalkit" else run_trl
         raw = runner(spec, pairs, warmup + steps, out)
-    timed, tokens = raw.pop("times")[warmup:], raw.pop("tokens")[warmup:]
+    timed, tokens, cpu = raw.pop("times")[warmup:], raw.pop("tokens")[warmup:], raw.pop("cpu")[warmup:]
     step_s = statistics.median(timed)
     result = {"variant": name, **spec, "step_s": step_s, "step_times": timed, "tokens_per_step": statistics.median(tokens),
-              "tokens_per_s": statistics.median(tokens) / step_s, "peak_rss_gb": peak_rss_gb(), **raw}  # fmt: skip
+              "tokens_per_s": statistics.median(tokens) / step_s, "cpu_s": statistics.median(cpu), "step_cpu": cpu, "peak_rss_gb": peak_rss_gb(), **raw}  # fmt: skip
     if "precompute_s" in raw:  # the one-off reference pass, spread over the steps it serves
         per_step = raw["precompute_s"] / (raw["precompute_pairs"] / 4)
         result["tokens_per_s_incl_ref"] = result["tokens_per_step"] / (step_s + per_step)
@@ -233,6 +240,8 @@ def main() -> None:
             results[name].append(json.loads(line[len("RESULT ") :]))
             print(f"[{repeat + 1}/{args.repeats}] {name}: {results[name][-1]['tokens_per_s']:.0f} tok/s, "
                   f"peak {results[name][-1]['peak_rss_gb']:.2f} GB ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+    if args.out:  # the raw runs first, so a failing report loses nothing
+        Path(args.out).write_text(json.dumps({"runs": results, "loadavg": os.getloadavg()}, indent=2))
     report(results, args)
 
 
@@ -243,7 +252,8 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
             "step_s": statistics.median(r["step_s"] for r in runs),
             "tokens_per_step": runs[0]["tokens_per_step"],
-            "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+            "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs),
         }
         if "tokens_per_s_incl_ref" in runs[0]:
             summary[name]["tokens_per_s_incl_ref"] = statistics.median(
@@ -251,18 +261,18 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
             )
     print(f"\nSmolLM2-135M, LoRA r={RANK} q/k/v/o, 4 pairs x 256 tokens, bf16 autocast, {args.threads} threads, "
           f"median of {args.steps} steps x {args.repeats} run(s), load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"{'variant':<16}{'step s':>8}{'tok/step':>10}{'tok/s':>8}{'peak GB':>9}")
+    print(f"{'variant':<16}{'step s':>8}{'cpu s':>8}{'tok/step':>10}{'tok/s':>8}{'peak GB':>9}")
     for name, s in summary.items():
-        print(
-            f"{name:<16}{s['step_s']:>8.2f}{s['tokens_per_step']:>10.0f}{s['tokens_per_s']:>8.0f}{s['peak_rss_gb']:>9.2f}"
-        )
+        cells = f"{s['step_s']:>8.2f}{s['cpu_s']:>8.2f}{s['tokens_per_step']:>10.0f}{s['tokens_per_s']:>8.0f}"
+        print(f"{name:<16}{cells}{s['peak_rss_gb']:>9.2f}")
     ours = [n for n in summary if n.startswith("comalkit")]
     theirs = [n for n in summary if n.startswith("trl")]
     for a in ours:
         for b in theirs:
             speed = summary[a]["tokens_per_s"] / summary[b]["tokens_per_s"]
+            cpu = summary[b]["cpu_s"] / summary[a]["cpu_s"]
             memory = summary[a]["peak_rss_gb"] / summary[b]["peak_rss_gb"]
-            print(f"{a} vs {b}: {speed:.2f}x tokens/s, {memory:.2f}x peak memory")
+            print(f"{a} vs {b}: {speed:.2f}x tokens/s ({cpu:.2f}x per CPU-second), {memory:.2f}x peak memory")
     if args.out:
         Path(args.out).write_text(
             json.dumps({"summary": summary, "runs": results, "loadavg": os.getloadavg()}, indent=2)
