@@ -37,8 +37,6 @@ from comalkit.interfaces import PairLogps, RunContext, Snapshot, SubgameSolver
 from comalkit.preference_data import PreferenceRecord
 from comalkit.registry import ConfigError, instantiate, registry
 
-log = logging.getLogger("comalkit")
-
 #: optimizers a ``trainer.optimizer._target_`` may name (built as partials over the trainable parameters)
 OPTIMIZERS = ("torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD")
 for _target in OPTIMIZERS:
@@ -68,7 +66,7 @@ class CheckpointConfig:
 
     enabled: bool = False
     every_n_train_steps: int | None = None  # None: at the end of every epoch
-    save_last: bool = True
+    keep_all: bool = False  # False: only the latest (plus a last.ckpt link); True: every one
     dirname: str = "checkpoints"
 
 
@@ -93,16 +91,14 @@ class TrainerConfig:
     )
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval_every_n_steps: int | None = (
-        None  # held-out metrics during training too (always at the start and end)
-    )
+    # held-out metrics during training too (they are always measured at the start and the end)
+    eval_every_n_steps: int | None = None
     log_every_n_steps: int = 1
     enable_progress_bar: bool = True
     enable_model_summary: bool = False
     logps_batch_size: int = 8  # sequences per no-grad forward when precomputing frozen log-probs
-    lean_logps: bool = (
-        True  # training log-probs through a chunked, recomputed LM head (see lean_sequence_logps)
-    )
+    # training log-probs through a chunked, recomputed LM head (see lean_sequence_logps)
+    lean_logps: bool = True
     shuffle: bool = True
     seed: int = 0
 
@@ -226,7 +222,7 @@ def check_records(records: Sequence[PreferenceRecord], solver: SubgameSolver, wh
 # Memory-lean log-probs with gradients
 # ---------------------------------------------------------------------------------------------
 def lean_sequence_logps(
-    policy: Any, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, chunk: int = 1024
+    policy: Any, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, chunk: int = 256
 ) -> tuple[Tensor, Tensor]:
     """``policy.sequence_logps`` (summed response log-probs [B], token counts [B]) without storing logits.
 
@@ -464,8 +460,8 @@ def build_trainer(
     if cfg.checkpoint.enabled:
         callbacks.append(
             ModelCheckpoint(
-                dirpath=Path(out_dir) / cfg.checkpoint.dirname, save_last=cfg.checkpoint.save_last,
-                every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1 if not cfg.checkpoint.save_last else 1,
+                dirpath=Path(out_dir) / cfg.checkpoint.dirname, save_last="link",
+                every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1 if cfg.checkpoint.keep_all else 1,
             )
         )  # fmt: skip
     return L.Trainer(
