@@ -10,6 +10,9 @@ compare loss values, gradients and TRL's logged rewards with ``solver.loss`` two
 * end to end on a tiny random Llama in float64 with TRL's fused LM head, against comalkit's
   plain forward pass: this also checks the log-prob conventions (shift, completion mask,
   summation, token counts). TRL's fused head computes logits in float32, hence 1e-6.
+
+Finally, the whole pipeline is trained for three steps by both (``fit`` against
+``DPOTrainer.train``) from the same LoRA initialisation, and every logged step must agree.
 """
 
 from collections import defaultdict
@@ -175,3 +178,83 @@ def test_summed_ipo_is_not_trls_per_token_ipo():
             comalkit_pairs(model.sequence_logps(inputs), inputs)
         )
     assert abs(summed.mean().item() - trl_value.item()) > 1e-3
+
+
+def test_training_matches_trls_dpo_trainer_step_by_step(tmp_path):
+    """The whole pipeline, not just the loss: chat template, masks, frozen reference, AdamW,
+    clipping and schedule. The same tiny model, LoRA initialisation and pairs, trained three
+    steps in float32 by ``comalkit.training.fit`` and by TRL's DPOTrainer, must log the same
+    loss, log-probs and gradient norm at every step (measured on SmolLM2: equal to 1e-4 too)."""
+    import lightning as L
+    from comalkit_plugins.models.tiny import TinyModel
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import logging as hf_logging
+
+    from comalkit.models import tiny_causal_lm
+    from comalkit.policy import LoraSettings
+    from comalkit.training import fit, precompute_logps
+
+    trl = pytest.importorskip("trl")
+    hf_logging.set_verbosity_error()
+    pairs = [
+        {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."},
+        {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "Fish, probably."},
+        {"prompt": "Say hello.", "chosen": "Hello!", "rejected": "Go away."},
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."},
+    ]
+    steps, lr, beta, targets = 3, 1e-2, 0.1, ["q_proj", "v_proj"]
+
+    model, tokenizer = tiny_causal_lm(seed=0)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_length=256, use_cpu=True,
+        learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, beta=beta, max_steps=steps,
+        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    # TRL's conversational rows would also score the template's "\n" after <|im_end|>; comalkit
+    # stops at <|im_end|>, where sampling stops. So TRL gets the templated prompt and the bare
+    # response, to which it appends EOS (= <|im_end|>): the same tokens on both sides.
+    templated = [
+        {**p, "prompt": tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
+                                                      add_generation_prompt=True)} for p in pairs
+    ]  # fmt: skip
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(templated),
+                             processing_class=tokenizer, peft_config=lora)  # fmt: skip
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    theirs = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
+
+    policy = TinyModel(
+        seed=0,
+        max_length=256,
+        max_prompt_length=128,
+        lora=LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=targets),
+    ).build()
+    named = dict(policy.model.named_parameters())
+    with torch.no_grad():  # the same LoRA initialisation (A is random; B starts at zero)
+        for name, value in initial.items():
+            named[name].copy_(value)
+    solver = registry.get("solver", "dpo")(beta=beta)
+    records = precompute_logps(policy, pairs, solver, batch_size=8)
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.rows: list[dict[str, float]] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    cfg = {"accelerator": "cpu", "max_steps": steps, "max_epochs": steps, "batch_size": 4, "lr": lr,
+           "scheduler": {"name": "constant"}, "gradient_clip_val": 1.0, "enable_progress_bar": False}  # fmt: skip
+    fit(policy, solver, records, cfg, tmp_path / "comalkit", callbacks=[record := Record()])
+
+    assert len(record.rows) == len(theirs) == steps
+    assert theirs[-1]["loss"] < theirs[0]["loss"] - 0.01  # it trained, so later steps test the update
+    # float32 on both sides, different kernels: log-probs agree to ~2e-5 relative; the gradient
+    # norm, a sum over tiny values of a random model, to ~3e-3 (on SmolLM2: 1e-5)
+    tolerances = {"loss": (1e-4, 0), "logps/chosen": (1e-4, 0), "logps/rejected": (1e-4, 0),
+                  "rewards/margins": (0, 1e-4), "grad_norm": (5e-3, 0)}  # fmt: skip
+    for ours, trl_row in zip(record.rows, theirs):
+        for key, (rel, abs_) in tolerances.items():
+            assert ours[key] == pytest.approx(trl_row[key], rel=rel, abs=abs_), key
