@@ -19,23 +19,33 @@ import torch
 
 
 def plain_generate(model, tokenizer, prompts, n, args, seed):
-    """What a user would write with transformers alone."""
+    """What a user would write with transformers alone, batched the way comalkit batches.
+
+    comalkit groups rows by prompt length before batching (less padding); the plain side gets
+    the same batches in the same order, so both draw the same random numbers for the same rows
+    and, if comalkit adds no work of its own, produce identical text (checked by the caller).
+    """
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts for _ in range(n)]  # fmt: skip
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
     tokenizer.padding_side = "left"
-    out, tokens = [], 0
+    out, tokens = [""] * len(texts), 0
     torch.manual_seed(seed)
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for start in range(0, len(texts), args.batch_size):
-        batch = tokenizer(texts[start : start + args.batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False)  # fmt: skip
+    for start in range(0, len(order), args.batch_size):
+        rows = order[start : start + args.batch_size]
+        batch = tokenizer(
+            [texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         with torch.no_grad():
             gen = model.generate(**batch, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                  max_new_tokens=args.max_new_tokens, eos_token_id=eot,
                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         new = gen[:, batch["input_ids"].shape[1] :]
         tokens += int((new != tokenizer.pad_token_id).sum())
-        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+        for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            out[i] = text
     return out, tokens
 
 

@@ -416,12 +416,10 @@ class LMPolicy:
                     [rows[i] for i in chunk], self.tokenizer.pad_token_id, self.device
                 )
                 width = input_ids.shape[1]
+                config.max_new_tokens = min(max_new_tokens, self.max_length - width)
                 with self.autocast():
                     out = self.model.generate(
-                        input_ids=input_ids,
-                        attention_mask=attention_mask,
-                        generation_config=config,
-                        max_new_tokens=min(max_new_tokens, self.max_length - width),
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=config
                     )
                 for i, text in zip(
                     chunk, self.tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
@@ -478,7 +476,9 @@ def _wrap_lora(model: Any, lora: LoraSettings, seed: int) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return get_peft_model(model, config)
+            with warnings.catch_warnings():  # peft reads transformers' deprecated property; not ours to fix
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                return get_peft_model(model, config)
         except ValueError as exc:  # peft names the missing modules; add what to do
             raise ValueError(f"model.lora.target_modules={list(lora.target_modules)}: {exc}") from exc
 

@@ -283,7 +283,7 @@ def test_generation_stops_where_the_longest_prompt_of_a_batch_leaves_no_room(mon
     generate = policy.model.generate
 
     def spy(**kwargs):
-        seen.append((kwargs["input_ids"].shape[1], kwargs["max_new_tokens"]))
+        seen.append((kwargs["input_ids"].shape[1], kwargs["generation_config"].max_new_tokens))
         return generate(**kwargs)
 
     monkeypatch.setattr(policy.model, "generate", spy)
