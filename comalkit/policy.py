@@ -314,9 +314,7 @@ class LMPolicy:
         """
         device = self.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        target_mask = response_mask[:, 1:].to(device).bool()
-        counts = target_mask.sum(-1)
-        columns = target_mask.any(0).nonzero().flatten()
+        target_mask, counts, columns = response_targets(response_mask, device)
         if columns.numel() == 0:
             return torch.zeros(len(input_ids), device=device), counts
         first, last = int(columns[0]), int(columns[-1])
@@ -508,6 +506,13 @@ def _resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available; use device=cpu or auto")
     return resolved
+
+
+def response_targets(response_mask: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Which next-token targets are response tokens: the mask [B, T-1], counts [B], and the
+    positions any row needs (scoring can skip the columns outside them)."""
+    target_mask = response_mask[:, 1:].to(device).bool()
+    return target_mask, target_mask.sum(-1), target_mask.any(0).nonzero().flatten()
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from comalkit.interfaces import PairLogps, RunContext, Snapshot, SubgameSolver
+from comalkit.policy import response_targets
 from comalkit.preference_data import PreferenceRecord
 from comalkit.registry import ConfigError, instantiate, registry
 
@@ -249,9 +250,7 @@ def lean_sequence_logps(
         return _policy_sequence_logps(policy, input_ids, attention_mask, response_mask)
     device = policy.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    target_mask = response_mask[:, 1:].to(device).bool()
-    counts = target_mask.sum(-1)
-    columns = target_mask.any(0).nonzero().flatten()
+    target_mask, counts, columns = response_targets(response_mask, device)
     if columns.numel() == 0:
         return torch.zeros(len(input_ids), device=device), counts
     last = int(columns[-1])  # later columns are padding for every row

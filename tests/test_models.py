@@ -20,15 +20,7 @@ from comalkit.models import (
     tiny_tokenizer,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a busy 2-core machine two
-    threads spin against other processes (measured: the slow tests took 281 s with 2, 46 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ---------------------------------------------------------------------------------------------
