@@ -34,6 +34,7 @@ import torch
 
 from comalkit.interfaces import PreferenceOracle, ReferenceUpdater, RunContext, Snapshot, SubgameSolver
 from comalkit.outputs import atomic_path, read_metrics, write_json
+from comalkit.plots import plot_progress
 
 log = logging.getLogger("comalkit.loop")
 
@@ -152,6 +153,8 @@ class MetaLoop:
                 self.run.log(metrics, step=k)
             self.policy.save_checkpoint(self.root / "checkpoints" / f"iter_{k:03d}")
             write_json(self.root / "state.json", {"completed": k, "iterations": s.iterations})
+            plot_progress([json.loads((self.iter_dir(j) / "metrics.json").read_text()) for j in range(k + 1)],
+                          self.root / "progress.png")  # fmt: skip
             durations.append(time.perf_counter() - began)
             eta = (s.iterations - k - 1) * sum(durations) / len(durations)
             log.info("iteration %d/%d done in %.0fs; ETA %.0fs; %s", k + 1, s.iterations, durations[-1], eta,

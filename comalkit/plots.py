@@ -1,4 +1,5 @@
-"""Figures of game runs: metric curves (the paper's Figure 1) and simplex trajectories (Figure 3).
+"""Figures: metric curves of game runs (the paper's Figure 1), simplex trajectories (Figure 3),
+and the per-iteration progress of an online run.
 
 matplotlib is imported lazily and only through its object-oriented API (``Figure`` and the
 Agg canvas), so no global backend is changed and nothing needs a display.
@@ -74,6 +75,41 @@ def plot_curves(
     if any(c.label for c in curves):
         ax.legend(fontsize="small")
     ax.grid(True, which="major", alpha=0.3)
+    return _save(fig, path)
+
+
+#: The panels of :func:`plot_progress`: a title and the metrics drawn in it.
+PROGRESS_PANELS = (
+    ("win rate (held-out)", ("win_rate/initial", "win_rate/previous")),
+    ("loss (last training step)", ("loss",)),
+    ("reward margin (last training step)", ("rewards/margins",)),
+    ("KL to reference (estimate)", ("kl_to_reference",)),
+)
+
+
+def plot_progress(rows: Sequence[dict], path: str | Path) -> Path:
+    """A 2×2 overview of an online run, one point per iteration (rows as in ``metrics.jsonl``).
+
+    Rewritten after every iteration, so a long run can be watched as a picture; metrics a run
+    does not produce (win rates with ``task.eval_prompts=0``) leave their panel empty.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(9.0, 6.0)
+    x = [row.get("iteration", i) + 1 for i, row in enumerate(rows)]
+    for i, (title, keys) in enumerate(PROGRESS_PANELS):
+        ax = fig.add_subplot(2, 2, i + 1)
+        for key in keys:
+            points = [(xi, row[key]) for xi, row in zip(x, rows) if isinstance(row.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=key)
+        if keys[0].startswith("win_rate"):
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+            ax.legend(fontsize="small")
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
     return _save(fig, path)
 
 

@@ -44,6 +44,7 @@ def test_online_run_writes_summary_metrics_and_checkpoints(uninterrupted):
         assert "loss" in row and "rewards/margins" in row and "kl_to_reference" in row
     for k in range(2):
         assert (out / "checkpoints" / f"iter_{k:03d}" / "adapter_model.safetensors").exists()
+    assert (out / "progress.png").read_bytes().startswith(b"\x89PNG")  # the per-iteration overview
     # iteration 0 trains against μ = the initial policy, so the policy must have moved away from it
     initial = load_file(out / "iterations" / "initial.safetensors")
     trained = load_file(out / "iterations" / "000" / "policy.safetensors")
