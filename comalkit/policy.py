@@ -183,7 +183,7 @@ class LMPolicy:
                 f"the base for LoRA checkpoint '{path}' already has an adapter; pass the bare model"
             )
         tokenizer = _load_tokenizer(path)
-        with quiet_progress_bars():
+        with quiet_progress_bars(), _peft_deprecation_silenced():
             peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
         return cls(peft_model, tokenizer, **settings)
 
@@ -474,8 +474,7 @@ def _wrap_lora(model: Any, lora: LoraSettings, seed: int) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            with warnings.catch_warnings():  # peft reads transformers' deprecated property; not ours to fix
-                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            with _peft_deprecation_silenced():
                 return get_peft_model(model, config)
         except ValueError as exc:  # peft names the missing modules; add what to do
             raise ValueError(f"model.lora.target_modules={list(lora.target_modules)}: {exc}") from exc
@@ -523,6 +522,14 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> 
         input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
         attention_mask[i, width - len(r) :] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+@contextlib.contextmanager
+def _peft_deprecation_silenced() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing``; the warning is not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 
 @contextlib.contextmanager
