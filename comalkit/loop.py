@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from comalkit.interfaces import PreferenceOracle, ReferenceUpdater, RunContext, Snapshot, SubgameSolver
 from comalkit.outputs import atomic_path, read_metrics, write_json
@@ -221,11 +222,13 @@ class MetaLoop:
         responses = self.policy.sample(
             prompts, s.samples_per_prompt, temperature=s.temperature, top_p=s.top_p,
             max_new_tokens=s.max_new_tokens, seed=stage_seed(s.seed, k, "sample"), batch_size=s.sample_batch_size,
+            progress="sample",
         )  # fmt: skip
         return prompts, responses
 
     def _judge(self, prompts: list[str], responses: list[list[str]]) -> list[torch.Tensor]:
-        return [self.oracle.win_matrix(p, rs) for p, rs in zip(prompts, responses)]
+        pairs = tqdm(zip(prompts, responses), "judge", len(prompts), leave=False, unit="prompt", disable=None)
+        return [self.oracle.win_matrix(p, rs) for p, rs in pairs]
 
     def _pairs(self, prompts, responses, wins, last: Snapshot, reference: Snapshot) -> dict[str, Any]:
         """Training pairs with their frozen log-probs, and the builder's counts (pairs, skipped prompts)."""
@@ -272,7 +275,7 @@ class MetaLoop:
             return {"responses": []}
         responses = [r[0] for r in self.policy.sample(
             prompts, 1, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-            seed=stage_seed(s.seed, k, "evaluate"), batch_size=s.sample_batch_size)]  # fmt: skip
+            seed=stage_seed(s.seed, k, "evaluate"), batch_size=s.sample_batch_size, progress="evaluate")]  # fmt: skip
         logp_policy = self.policy.logps(prompts, responses, batch_size=s.logp_batch_size)
         logp_ref = self.policy.logps(prompts, responses, snapshot=reference, batch_size=s.logp_batch_size)
         return {

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from comalkit.interfaces import Snapshot
 from comalkit.models import ensure_pad_token, load_causal_lm, quiet_progress_bars, resolve_dtype
@@ -375,6 +376,7 @@ class LMPolicy:
         seed: int = 0,
         batch_size: int = 8,
         snapshot: Snapshot | None = None,
+        progress: str | None = None,
     ) -> list[list[str]]:
         """``n`` responses per prompt, decoded without special tokens: ``result[i][j]``.
 
@@ -383,6 +385,7 @@ class LMPolicy:
         run ``batch_size`` at a time; each batch stops at ``max_length`` minus its longest
         prompt, so every response can be scored whole. The same seed, inputs and
         ``batch_size`` give the same outputs on the CPU; the global RNG is left as it was.
+        ``progress`` names a progress bar over the batches (shown on a terminal only).
         """
         if n < 1 or batch_size < 1 or max_new_tokens < 1:
             raise ValueError(
@@ -408,7 +411,10 @@ class LMPolicy:
         devices = [self.device] if self.device.type == "cuda" else []
         with self.using(snapshot), _eval_mode(self.model), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for start in range(0, len(order), batch_size):
+            batches = range(0, len(order), batch_size)
+            for start in tqdm(
+                batches, desc=progress, unit="batch", leave=False, disable=None if progress else True
+            ):
                 chunk = order[start : start + batch_size]
                 input_ids, attention_mask = _left_pad(
                     [rows[i] for i in chunk], self.tokenizer.pad_token_id, self.device

@@ -485,12 +485,24 @@ def _quiet_lightning() -> Iterator[None]:
             "ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*"
         )
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+        _log_lightning_once()
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         rank_zero.addFilter(_no_tips)
         try:
             yield
         finally:
             rank_zero.removeFilter(_no_tips)
+
+
+def _log_lightning_once() -> None:
+    """Under a configured root logger (Hydra's console + run log), drop the console handler
+    Lightning adds to its own logger, which would print every Lightning message twice."""
+    if not logging.getLogger().hasHandlers():
+        return  # plain Python use: Lightning's handler is the only output
+    lightning_logger = logging.getLogger("lightning")
+    for handler in list(lightning_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_logger.removeHandler(handler)
 
 
 def _no_tips(record: logging.LogRecord) -> bool:

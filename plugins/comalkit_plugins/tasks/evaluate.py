@@ -180,7 +180,7 @@ class EvaluateTask(Task):
         policy = load_policy(model, path)
         responses = policy.sample(
             prompts, self.samples_per_prompt, temperature=self.temperature, top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.batch_size, progress=name,
         )  # fmt: skip
         del policy
         gc.collect()
