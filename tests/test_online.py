@@ -100,3 +100,20 @@ def test_bad_combinations_fail_before_any_sampling(tmp_path, overrides, message)
         run_job([*TINY, *overrides], tmp_path)
     assert message in str(err.value)
     assert not (tmp_path / "iterations").exists()
+
+
+@pytest.mark.slow
+def test_one_iteration_on_the_bundled_model_moves_the_policy(tmp_path):
+    """The default composition (SmolLM2 policy and judge, INPO + prox, bf16 autocast, lr 2e-4 x 2
+    epochs) end to end, only smaller: every judgment succeeds, training fits its pairs, and the
+    policy leaves its reference (measured: margin 0.136, accuracy 1.0, KL 0.064 on 8 pairs)."""
+    summary = run_job(
+        ["task.iterations=1", "data.split_size=8", "task.samples_per_prompt=3", "task.max_new_tokens=32",
+         "task.eval_prompts=2"], tmp_path,
+    )  # fmt: skip
+    assert summary["oracle"]["judgments"] > 0 and summary["oracle"]["failed"] == 0
+    assert summary["pairs"] == 8
+    assert summary["rewards/margins"] > 0.05 and summary["rewards/accuracies"] >= 0.75
+    assert summary["kl_to_reference"] != 0.0
+    assert (tmp_path / "checkpoints" / "iter_000" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "progress.png").exists()
