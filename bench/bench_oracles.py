@@ -126,7 +126,7 @@ def main() -> None:
     print("| oracle | judgments | no cache (j/s) | cache, cold (j/s) | cache, warm (j/s) |")
     print("|---|---|---|---|---|", flush=True)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp_dir:
+    with server, tempfile.TemporaryDirectory() as tmp_dir:
         for name, make, work in cases:
             oracle = make()
             oracle.compare([Comparison("warm-up", "a", "b")])  # loads models before timing
@@ -138,7 +138,6 @@ def main() -> None:
                 f"| {r['warm_cache_per_s']:.4g} |",
                 flush=True,
             )
-    server.close()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
