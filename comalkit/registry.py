@@ -22,6 +22,7 @@ import difflib
 import importlib
 import pkgutil
 import typing
+import warnings
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from types import ModuleType
@@ -76,6 +77,7 @@ class Registry:
         self._plugins: dict[str, dict[str, type]] = {g: {} for g in PLUGIN_GROUPS}
         self._extra_targets: set[str] = set()
         self.loaded_entry_points: list[str] = []
+        self.failed_entry_points: dict[str, str] = {}
 
     # -- registration -------------------------------------------------------------------------
     def add(self, group: str, name: str) -> Callable[[type[T]], type[T]]:
@@ -147,26 +149,50 @@ class Registry:
 
     # -- entry points ---------------------------------------------------------------------------
     def load_entry_points(self) -> None:
-        """Load every ``comalkit.plugins`` entry point once.
+        """Load every ``comalkit.plugins`` entry point once; a broken plugin package is skipped.
 
         An entry point may name a module or package (importing it runs its ``@plugin``
         decorators; a package's submodules are imported too) or a callable that takes the
-        registry.
+        registry. comalkit's own entry points load first, so a third-party package cannot
+        take a built-in name. A package that fails to load (an import error, an exception in
+        its callable, or a name another package already registered) contributes nothing: its
+        partial registrations are rolled back, one :class:`PluginLoadWarning` names its
+        distribution, entry point and error, and :attr:`failed_entry_points` keeps the message.
         """
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.value in self.loaded_entry_points:
+        eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: _distribution(ep) != "comalkit")
+        for ep in eps:
+            if ep.value in self.loaded_entry_points or ep.value in self.failed_entry_points:
                 continue
+            saved = {group: dict(options) for group, options in self._plugins.items()}
+            saved_targets = set(self._extra_targets)
             try:
                 obj = ep.load()
-            except Exception as exc:  # a broken third-party plugin must say which one it is
-                raise ImportError(
-                    f"comalkit plugin entry point '{ep.name} = {ep.value}' failed to load: {exc}"
-                ) from exc
-            if isinstance(obj, ModuleType):
-                import_submodules(obj)
-            elif callable(obj):
-                obj(self)
+                if isinstance(obj, ModuleType):
+                    import_submodules(obj)
+                elif callable(obj):
+                    obj(self)
+            except Exception as exc:  # any error inside a third-party package: report it, keep the rest
+                for group, options in saved.items():  # in place: a half-loaded package leaves nothing
+                    self._plugins[group] = options
+                self._extra_targets.intersection_update(saved_targets)
+                message = (
+                    f"comalkit: plugin package '{_distribution(ep)}' (entry point '{ep.name} = {ep.value}') "
+                    f"failed to load and is skipped: {type(exc).__name__}: {exc}"
+                )
+                self.failed_entry_points[ep.value] = message
+                warnings.warn(message, PluginLoadWarning, stacklevel=2)
+                continue
             self.loaded_entry_points.append(ep.value)
+
+
+class PluginLoadWarning(UserWarning):
+    """A ``comalkit.plugins`` entry point failed to load; the other plugins still work."""
+
+
+def _distribution(ep: Any) -> str:
+    """The name of the distribution that declares ``ep`` (``?`` when metadata does not say)."""
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else "?"
 
 
 def import_submodules(package: ModuleType) -> None:
