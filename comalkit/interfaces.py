@@ -192,3 +192,37 @@ class RunContext(ABC):
     @abstractmethod
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Record one step's metrics (``metrics.jsonl`` and any configured logger)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
+class Sampler(ABC):
+    """Draws responses from a language-model policy (``sampler=hf`` or ``sampler=vllm``).
+
+    Every sampler applies the policy's chat template and prompt truncation, stops at its
+    end-of-turn token and decodes without special tokens, so whatever consumes the responses
+    (judging, pairing, log-probs) cannot tell which sampler produced them (docs/sampling.md).
+    """
+
+    @abstractmethod
+    def sample(
+        self,
+        policy: Any,
+        prompts: Sequence[Any],
+        n: int,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        snapshot: Snapshot | None = None,
+        progress: str | None = None,
+    ) -> list[list[str]]:
+        """``n`` responses per prompt from ``policy`` (under ``snapshot`` if given): ``result[i][j]``.
+
+        ``temperature=0`` decodes greedily; ``progress`` names a progress bar (terminal only).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release engines and temporary files; the sampler may be used again afterwards."""

@@ -32,7 +32,18 @@ from omegaconf import DictConfig, OmegaConf
 
 ENTRY_POINT_GROUP = "comalkit.plugins"
 #: The config groups whose options are plugins. ``trainer`` and ``experiment`` are plain YAML.
-PLUGIN_GROUPS = ("task", "solver", "oracle", "reference", "model", "data", "logger", "game", "pairs")
+PLUGIN_GROUPS = (
+    "task",
+    "solver",
+    "oracle",
+    "reference",
+    "model",
+    "data",
+    "logger",
+    "game",
+    "pairs",
+    "sampler",
+)
 
 T = TypeVar("T")
 
