@@ -11,7 +11,8 @@
 The oracle is composed exactly as ``python -m comalkit`` would (``oracle=rule
 oracle.kind=rps``, ``oracle=llm_judge oracle.mode=prompted``; the default is the default
 judge). Built on ``http.server``; it binds only loopback addresses, bounds request bodies and
-socket time, and optionally requires a bearer key read from an environment variable.
+socket time, and optionally requires a bearer key read from an environment variable (the
+command line names the variable; the key itself is never an argument, nor logged).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from comalkit.env_keys import env_name_error
 from comalkit.interfaces import Comparison, PreferenceOracle
 from comalkit.judge_prompt import JudgePrompt
 
@@ -252,9 +254,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    if args.api_key_env and not api_key:
-        parser.error(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    error = env_name_error("--api-key-env", args.api_key_env)
+    if error:
+        parser.error(error)  # without the value: it may be a pasted key
+    api_key = os.environ[args.api_key_env] if args.api_key_env else None
     oracle = build_oracle(args.overrides)
     service = JudgeService(oracle, JudgePrompt.load(args.template), args.labels, args.model_name)
     server = JudgeServer(service, args.host, args.port, api_key)

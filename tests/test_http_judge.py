@@ -1,7 +1,9 @@
 """oracle=http_judge against a real OpenAI-compatible server on loopback (comalkit/judge_server.py).
 
 Faults are injected by a small proxy between the client and the server: it can stall past
-the client's timeout, answer bad JSON, HTTP 500 or a malformed answer, then heal.
+the client's timeout, answer bad JSON, HTTP 500 or a malformed answer, then heal, or hold
+answers until the test releases them. Nothing here waits on the clock: the proxy's counters
+change under a condition variable that the tests wait on.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ import http.client
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from omegaconf import OmegaConf
 from comalkit.interfaces import Comparison, PreferenceOracle
 from comalkit.judge_prompt import JudgePrompt
 from comalkit.judge_server import JudgeServer, JudgeService, check_loopback
+from comalkit.judge_server import main as judge_server_main
 from comalkit.oracle_cache import CachedOracle
 from comalkit.registry import ConfigError
 from comalkit.testing import compose
@@ -61,68 +65,56 @@ def server():
 
 
 def fast_client(base_url: str, **overrides: Any) -> HttpJudge:
-    settings = {"timeout_s": 2.0, "retries": 3, "backoff_s": 0.01, "max_backoff_s": 0.05, **overrides}
+    """A client that retries at once; its timeout is one no loaded machine reaches on loopback."""
+    settings = {"timeout_s": 120.0, "retries": 3, "backoff_s": 0.01, "max_backoff_s": 0.05, **overrides}
     return HttpJudge(base_url=base_url, **settings)
+
+
+#: how long a test waits for an event that must happen before it calls the run broken (a
+#: deadlock guard: nothing is measured against it)
+GUARD_S = 300.0
 
 
 # ---------------------------------------------------------------------------------------------
 # A fault-injecting proxy
 # ---------------------------------------------------------------------------------------------
 class FaultProxy:
-    """Forwards POSTs to ``upstream``; the n-th request suffers ``faults[n]`` (None: forwarded)."""
+    """Forwards POSTs to ``upstream``; the n-th request suffers ``faults[n]`` (None: forwarded).
 
-    def __init__(
-        self, upstream: str, faults: Sequence[str | None] = (), stall_s: float = 1.0, delay_s: float = 0.0
-    ):
-        self.upstream, self.faults, self.stall_s, self.delay_s = upstream, list(faults), stall_s, delay_s
-        self.lock = threading.Lock()
-        self.requests = self.in_flight = self.max_in_flight = 0
+    A request is in flight from the moment its body has been read until just before its answer
+    is written, so the client cannot have seen an answer that is still counted: ``max_in_flight``
+    is the most requests the client had open at once, whatever the machine's load. With
+    ``gated=True`` every answer waits for :meth:`release`. A ``stall`` is never answered (until
+    :meth:`close`): the client's timeout fires however slow the machine is.
+    """
+
+    def __init__(self, upstream: str, faults: Sequence[str | None] = (), gated: bool = False):
+        self.upstream, self.faults, self.gated = upstream, list(faults), gated
+        self.changed = threading.Condition()
+        self.requests = self.in_flight = self.max_in_flight = self.answered = self.permits = 0
+        self.closed = False
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def reply(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                with proxy.lock:
-                    fault = proxy.faults.pop(0) if proxy.faults else None
-                    proxy.requests += 1
-                    proxy.in_flight += 1
-                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                fault = proxy.arrive()
+                if fault == "stall":
+                    proxy.wait_until(lambda p: p.closed, "the proxy to close")
+                    return
+                status, answer = proxy.answer(fault, self.path, body, self.headers.get("Authorization"))
+                proxy.leave()
                 try:
-                    time.sleep(proxy.delay_s)
-                    if fault == "stall":
-                        time.sleep(proxy.stall_s)
-                    if fault == "500":
-                        return self.reply(500, b'{"error": {"message": "overloaded"}}')
-                    if fault == "bad_json":
-                        return self.reply(200, b'{"choices": [')
-                    if fault == "malformed":
-                        answer = {
-                            "choices": [{"message": {"role": "assistant", "content": "Both are lovely."}}]
-                        }
-                        return self.reply(200, json.dumps(answer).encode())
-                    request = urllib.request.Request(
-                        proxy.upstream + self.path.removeprefix("/v1"), data=body, method="POST"
-                    )
-                    request.add_header("Content-Type", "application/json")
-                    if self.headers.get("Authorization"):
-                        request.add_header("Authorization", self.headers["Authorization"])
-                    with urllib.request.urlopen(request, timeout=10) as response:
-                        self.reply(response.status, response.read())
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
                 except (ConnectionError, TimeoutError):
-                    pass  # the client gave up (its timeout)
-                finally:
-                    with proxy.lock:
-                        proxy.in_flight -= 1
+                    pass  # the client gave up
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -131,7 +123,57 @@ class FaultProxy:
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
+    def arrive(self) -> str | None:
+        with self.changed:
+            self.requests += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.changed.notify_all()
+            return self.faults.pop(0) if self.faults else None
+
+    def answer(self, fault: str | None, path: str, body: bytes, auth: str | None) -> tuple[int, bytes]:
+        if fault == "500":
+            return 500, b'{"error": {"message": "overloaded"}}'
+        if fault == "bad_json":
+            return 200, b'{"choices": ['
+        if fault == "malformed":
+            return 200, json.dumps({"choices": [{"message": {"content": "Both are lovely."}}]}).encode()
+        request = urllib.request.Request(self.upstream + path.removeprefix("/v1"), data=body, method="POST")
+        request.add_header("Content-Type", "application/json")
+        if auth:
+            request.add_header("Authorization", auth)
+        try:
+            with urllib.request.urlopen(request, timeout=GUARD_S) as response:
+                status, answer = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, answer = exc.code, exc.read()
+        if self.gated:
+            with self.changed:  # waiting and taking the permit under one lock: one answer per release
+                released = self.changed.wait_for(lambda: self.permits > 0 or self.closed, timeout=GUARD_S)
+                assert released, "waited for the test to release an answer"
+                self.permits -= 1
+        return status, answer
+
+    def leave(self) -> None:
+        with self.changed:
+            self.in_flight -= 1
+            self.answered += 1
+            self.changed.notify_all()
+
+    def release(self) -> None:
+        """Let one held answer go (``gated=True``)."""
+        with self.changed:
+            self.permits += 1
+            self.changed.notify_all()
+
+    def wait_until(self, condition: Any, what: str) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: condition(self), timeout=GUARD_S), f"waited for {what}"
+
     def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
@@ -165,7 +207,7 @@ def test_http_judge_end_to_end_matches_the_served_oracle(server: JudgeServer) ->
 
 
 def test_models_endpoint(server: JudgeServer) -> None:
-    with urllib.request.urlopen(server.url + "/models", timeout=5) as response:
+    with urllib.request.urlopen(server.url + "/models", timeout=GUARD_S) as response:
         body = json.loads(response.read())
     assert body["data"][0]["id"] == "comalkit-judge"
 
@@ -177,13 +219,25 @@ def test_text_answers_without_logprobs(server: JudgeServer) -> None:
 
 
 def test_faults_are_retried_until_the_server_recovers(proxy) -> None:
-    faulty = proxy(["stall", "bad_json", "500", "malformed"])
-    judge = fast_client(faulty.url, timeout_s=0.3, retries=4, concurrency=1)
+    faulty = proxy(["bad_json", "500", "malformed"])
+    judge = fast_client(faulty.url, retries=3, concurrency=1)
     probs = judge.compare(PAIRS[:1])
     assert torch.allclose(probs, served(PAIRS[:1]))
     d = judge.diagnostics()
-    assert d["http_retries"] == 4 and d["http_requests"] == 6 and d["http_failed_judgments"] == 0
-    assert faulty.requests == 6
+    assert d["http_retries"] == 3 and d["http_requests"] == 5 and d["http_failed_judgments"] == 0
+    assert faulty.requests == 5
+
+
+def test_a_request_past_its_timeout_is_retried(proxy) -> None:
+    """The first request is never answered, so its timeout must fire; a loaded machine can only
+    make more requests time out, which the generous retry budget absorbs."""
+    stalled = proxy(["stall"])
+    judge = fast_client(stalled.url, timeout_s=0.5, retries=20, concurrency=1)
+    probs = judge.compare(PAIRS[:1])
+    assert torch.allclose(probs, served(PAIRS[:1]))
+    d = judge.diagnostics()
+    assert d["http_retries"] >= 1 and d["http_failed_judgments"] == 0
+    assert stalled.requests == d["http_requests"] and stalled.in_flight == 1  # the stalled one, held
 
 
 def test_persistent_failure_raises_after_bounded_retries(proxy) -> None:
@@ -215,11 +269,27 @@ def test_client_errors_are_not_retried(server: JudgeServer) -> None:
     assert judge.diagnostics()["http_requests"] == 2  # one per order, no retries
 
 
-def test_concurrency_is_limited(proxy) -> None:
-    slow = proxy(delay_s=0.1)
-    judge = fast_client(slow.url, concurrency=3)
-    judge.compare(PAIRS * 2)
-    assert slow.requests == 12 and 1 < slow.max_in_flight <= 3
+@pytest.mark.parametrize("callers", [1, 2])
+def test_concurrency_is_limited(proxy, callers: int) -> None:
+    """The proxy holds every answer until the test releases it, one at a time, once the client
+    has as many requests open as it may: the limit binds however loaded the machine is, also
+    when several threads share one oracle."""
+    limit, batch = 3, PAIRS * 2
+    gate = proxy(gated=True)
+    judge = fast_client(gate.url, concurrency=limit)
+    total = 2 * len(batch) * callers
+    with ThreadPoolExecutor(callers) as pool:
+        results = [pool.submit(judge.compare, batch) for _ in range(callers)]
+        for answered in range(total):
+            expected = min(limit, total - answered)
+            gate.wait_until(
+                lambda p, n=answered, k=expected: p.answered == n and p.in_flight >= k, f"{expected} requests"
+            )
+            gate.release()
+        for result in results:
+            assert torch.allclose(result.result(), served(batch))
+    assert gate.requests == total and gate.max_in_flight == limit
+    assert judge.diagnostics()["http_retries"] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,8 +312,12 @@ def test_api_key_from_the_environment_only(monkeypatch: pytest.MonkeyPatch) -> N
         assert "wrong" not in str(info.value)
         assert judge.diagnostics()["http_requests"] == 2 * len(PAIRS) + 2  # 401 is not retried
     monkeypatch.delenv("JUDGE_TEST_KEY")
-    with pytest.raises(ConfigError, match="JUDGE_TEST_KEY: that environment variable is not set"):
+    with pytest.raises(ConfigError, match="oracle.api_key_env names an environment variable that is not set"):
         HttpJudge(api_key_env="JUDGE_TEST_KEY")
+    for pasted in ("sk-proj-Abc123-pasted/key", "hf_PastedTokenThatIsAValidName"):
+        with pytest.raises(ConfigError, match="oracle.api_key_env") as info:
+            HttpJudge(api_key_env=pasted)
+        assert pasted not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +353,7 @@ def test_label_probability_from_logprobs_and_text() -> None:
 def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(url + "/chat/completions", data=body, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=GUARD_S) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -298,7 +372,7 @@ def test_server_rejects_bad_requests_and_survives_a_failing_oracle(server: Judge
     )
     assert status == 400 and "does not follow the judge template" in body["error"]["message"]
     assert post(server.url, json.dumps({"prompt": "x"}).encode())[0] == 400
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=GUARD_S)
     connection.putrequest("POST", "/v1/chat/completions")
     connection.putheader("Content-Length", str(5 << 20))  # announced, never sent: refused unread
     connection.endheaders()
@@ -323,20 +397,37 @@ def test_server_binds_loopback_only() -> None:
             check_loopback(host)
 
 
-def test_judge_server_command_line() -> None:
-    command = [sys.executable, "-m", "comalkit.judge_server", "--port", "0", "oracle=rule", "oracle.kind=rps"]
+def test_judge_server_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real command: it requires the key named on its command line and stops on Ctrl-C."""
+    secret = "sk-served-k3y"
+    monkeypatch.setenv("JUDGE_SERVER_TEST_KEY", secret)
+    command = [sys.executable, "-m", "comalkit.judge_server", "--port", "0", "--api-key-env"]
+    command += ["JUDGE_SERVER_TEST_KEY", "oracle=rule", "oracle.kind=rps"]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         url = None
-        deadline = time.monotonic() + 240
-        while url is None and time.monotonic() < deadline:
+        while url is None:
             line = proc.stderr.readline()
-            assert line, f"judge server exited early (code {proc.poll()})"
+            assert line, f"judge server exited early (code {proc.wait()})"
             found = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
             url = found.group(1) if found else None
-        assert url is not None
-        probs = fast_client(url).compare([Comparison("q", "w w", "w"), Comparison("q", "w", "w w w")])
+        pairs = [Comparison("q", "w w", "w"), Comparison("q", "w", "w w w")]
+        probs = fast_client(url, api_key_env="JUDGE_SERVER_TEST_KEY").compare(pairs)
         assert probs.tolist() == pytest.approx([0.9, 0.9])  # rock-paper-scissors as served
+        with pytest.raises(JudgeRequestError, match="HTTP 401"):
+            fast_client(url).compare(pairs)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=GUARD_S)
+    assert proc.returncode == 0, err
+    assert secret not in line + err
+
+
+def test_judge_server_refuses_a_pasted_key_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for pasted in ("sk-proj-Abc123-pasted/key", "hf_PastedTokenThatIsAValidName"):
+        with pytest.raises(SystemExit) as info:
+            judge_server_main(["--port", "0", "--api-key-env", pasted, "oracle=rule"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "--api-key-env" in err and pasted not in err

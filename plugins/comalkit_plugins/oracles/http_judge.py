@@ -5,15 +5,18 @@ P(a ≻ b) = ½ [p_A(a, b) + p_B(b, a)] (position bias cancels; the result is an
 One request's probability comes from the label tokens' log-probabilities when the server
 returns them (``top_logprobs``), else from the answer text ("A" → 1, "B" → 0).
 
-Robustness: requests run in a thread pool of ``concurrency`` workers, each with a timeout;
-timeouts, connection errors, HTTP 408/429/5xx, bad JSON and malformed answers are retried
+Robustness: at most ``concurrency`` requests are open at once, however many threads call
+the oracle (one semaphore per oracle; a retry waits for its backoff without holding a slot);
+each has a timeout, and one abandoned on timeout may still be running on the server. Timeouts, connection errors, HTTP 408/429/5xx, bad JSON and malformed answers are retried
 with exponential backoff; other HTTP errors (401, 404 ...) are not. A comparison whose
 requests still fail is a failed judgment: ``on_failure=error`` raises
 :class:`JudgeRequestError` after the batch, ``half`` returns 0.5 for it. Either way it is
 counted (:meth:`HttpJudge.diagnostics`) and never cached (:meth:`compare_with_failures`).
 
 The API key is read from the environment variable named by ``api_key_env`` when a request
-is made; it is never a config value, never part of the identity, and never logged.
+is made; it is never a config value, never part of the identity, and never logged. A value of
+``api_key_env`` that is not the name of a set variable is refused without being repeated (it may
+be a pasted key: :mod:`comalkit.env_keys`).
 Only the standard library is used (``urllib``).
 """
 
@@ -37,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from comalkit.env_keys import env_name_error
 from comalkit.interfaces import Comparison, PreferenceOracle
 from comalkit.judge_prompt import JudgePrompt
 from comalkit.registry import ConfigError, param, plugin
@@ -118,7 +122,7 @@ class HttpJudge(PreferenceOracle):
     retries: int = param(3, ge=0, help="retries per request after the first attempt")
     backoff_s: float = param(0.5, ge=0.0, help="wait before the first retry; doubles each retry")
     max_backoff_s: float = param(8.0, ge=0.0, help="longest wait between retries")
-    concurrency: int = param(4, ge=1, help="requests in flight at once")
+    concurrency: int = param(4, ge=1, help="most requests open at once (all callers together)")
     on_failure: str = param(
         "error", choices=("error", "half"), help="a failed judgment raises, or counts as 0.5"
     )
@@ -128,10 +132,12 @@ class HttpJudge(PreferenceOracle):
             raise ConfigError(f"oracle.base_url={self.base_url!r}: expected an http:// or https:// URL")
         if len(self.labels) != 2 or self.labels[0] == self.labels[1]:
             raise ConfigError(f"oracle.labels={self.labels}: expected two different labels, e.g. [A, B]")
-        if self.api_key_env and not os.environ.get(self.api_key_env):
-            raise ConfigError(f"oracle.api_key_env={self.api_key_env}: that environment variable is not set")
+        error = env_name_error("oracle.api_key_env", self.api_key_env)
+        if error:
+            raise ConfigError(error)
         self.prompt_template = JudgePrompt.load(self.template)
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.concurrency)  # requests open, across callers
         self._stats = {
             "requests": 0,
             "retries": 0,
@@ -198,7 +204,9 @@ class HttpJudge(PreferenceOracle):
         for attempt in range(self.retries + 1):
             self._count(requests=1, retries=int(attempt > 0))
             try:
-                return label_probability(self._post(payload), self.labels)
+                with self._slots:
+                    body = self._post(payload)
+                return label_probability(body, self.labels)
             except JudgeRequestError as exc:
                 if not exc.retryable or attempt == self.retries:
                     self._count(failed_requests=1)
