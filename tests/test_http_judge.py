@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from comalkit_plugins.oracles.http_judge import HttpJudge, JudgeRequestError, la
 from comalkit_plugins.oracles.rule import RuleOracle
 from omegaconf import OmegaConf
 
+from comalkit.env_keys import check_key_overrides
 from comalkit.interfaces import Comparison, PreferenceOracle
 from comalkit.judge_prompt import JudgePrompt
 from comalkit.judge_server import JudgeServer, JudgeService, check_loopback
@@ -318,6 +320,110 @@ def test_api_key_from_the_environment_only(monkeypatch: pytest.MonkeyPatch) -> N
         with pytest.raises(ConfigError, match="oracle.api_key_env") as info:
             HttpJudge(api_key_env=pasted)
         assert pasted not in str(info.value)
+
+
+REPO = Path(__file__).resolve().parent.parent
+#: the smallest online run: one iteration of the tiny model, judged over HTTP, logged to wandb
+ONE_ITERATION = [
+    "model=tiny",
+    "oracle=http_judge",
+    "logger=wandb",
+    "trainer=fast",
+    "task.iterations=1",
+    "task.samples_per_prompt=3",
+    "task.max_new_tokens=8",
+    "task.eval_prompts=2",
+    "data.split_size=3",
+    "reference.strengths=[0.5]",
+]
+
+
+class CountingOracle(RuleOracle):
+    """The served oracle, counting the comparisons that reached it (through the key check)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.asked, self.lock = 0, threading.Lock()
+
+    def compare(self, comparisons: Sequence[Comparison]) -> torch.Tensor:
+        with self.lock:
+            self.asked += len(comparisons)
+        return super().compare(comparisons)
+
+
+def comalkit_cli(args: Sequence[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m comalkit`` in ``cwd``, with every wandb directory inside it."""
+    wandb_dirs = {
+        f"WANDB_{name}_DIR": str(cwd / f"wandb-{name.lower()}") for name in ("CACHE", "CONFIG", "DATA")
+    }
+    environment = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(cwd / "wandb"),
+        **wandb_dirs,
+        **env,
+    }
+    command = [sys.executable, "-m", "comalkit", *args]
+    return subprocess.run(
+        command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=4 * GUARD_S
+    )
+
+
+def test_the_key_appears_nowhere_a_run_writes(tmp_path: Path) -> None:
+    """A real run against a server that requires the key: the key is in no file of the run
+    directory (saved configs, metrics, summary, oracle cache, checkpoints, wandb's offline run)
+    nor in the run's output."""
+    secret = "sk-live-Zq7WJr2mX9vB4nK8pL1sT6yH3dF0aE5c"
+    oracle = CountingOracle()
+    with serve(oracle, api_key=secret) as keyed:
+        args = [*ONE_ITERATION, f"oracle.base_url={keyed.url}", "oracle.api_key_env=COMALKIT_TEST_JUDGE_KEY"]
+        proc = comalkit_cli(
+            [*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, COMALKIT_TEST_JUDGE_KEY=secret
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert oracle.asked > 0  # the run's judgments went through the server's key check
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.match("run/wandb/offline-run-*/*.wandb") for path in written), "no wandb run"
+    assert "COMALKIT_TEST_JUDGE_KEY" in (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+    assert {"metrics.jsonl", "summary.json", "oracle_cache.sqlite"} <= {path.name for path in written}
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), f"the key is in {path}"
+    assert secret not in proc.stdout + proc.stderr
+
+
+def test_a_key_pasted_as_the_variable_name_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    pasted = "sk-proj-Abc123-Pasted_Key/value"
+    proc = comalkit_cli([*ONE_ITERATION, f"oracle.api_key_env={pasted}"], tmp_path)
+    assert proc.returncode == 2 and "oracle.api_key_env must be the name of the environment" in proc.stderr
+    assert pasted not in proc.stdout + proc.stderr
+    assert not list(tmp_path.iterdir())  # no run directory (named after the overrides), no .hydra/
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["oracle.api_key_env=sk-abc-123"],
+        ["+oracle.api_key_env=sk-abc-123"],
+        ["oracle=http_judge", "oracle.api_key_env='sk-abc-123'"],
+        ["oracle.api_key_env=hf_UnsetButValidName"],  # a token can look like a variable name
+        ["-m", "oracle.api_key_env=COMALKIT_SET_KEY,sk-abc-123"],
+        ["-m", "oracle.api_key_env=COMALKIT_SET_KEY,hf_UnsetButValidName"],
+    ],
+)
+def test_key_overrides_are_checked_without_echoing_the_value(
+    args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMALKIT_SET_KEY", "the-key")
+    error = check_key_overrides(args)
+    assert error is not None and "api_key_env" in error
+    assert "sk-abc-123" not in error and "hf_UnsetButValidName" not in error
+
+
+def test_key_overrides_naming_set_variables_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMALKIT_SET_KEY", "the-key")
+    assert check_key_overrides(["oracle=http_judge", "oracle.api_key_env=COMALKIT_SET_KEY"]) is None
+    assert check_key_overrides(["-m", "oracle.api_key_env=COMALKIT_SET_KEY,COMALKIT_SET_KEY"]) is None
+    assert check_key_overrides(["oracle.api_key_env=", "oracle.model=sk-not-a-key-setting"]) is None
 
 
 # ---------------------------------------------------------------------------------------------
