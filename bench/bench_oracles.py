@@ -37,7 +37,7 @@ def workload(prompts: int, k: int) -> Work:
     """P prompts, each with K candidates: its good and bad answer plus other rows' answers."""
     from comalkit_plugins.oracles.checks import load_check_set
 
-    rows = load_check_set("obvious_pairs")
+    rows = load_check_set("checks_tune")
     pool = [r[key] for r in rows for key in ("good", "bad")]
     out = []
     for i in range(prompts):

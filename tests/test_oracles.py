@@ -17,7 +17,7 @@ import torch
 from comalkit_plugins.oracles.base import bradley_terry
 from comalkit_plugins.oracles.checks import injection_flips, load_check_set, pair_accuracy
 from comalkit_plugins.oracles.judge_lm import JudgeModel, assemble_gemma
-from comalkit_plugins.oracles.llm_judge import LlmJudge
+from comalkit_plugins.oracles.llm_judge import DEFAULT_SCORERS, LlmJudge
 from comalkit_plugins.oracles.mixture import MixtureOracle
 from comalkit_plugins.oracles.reward_model import RewardModelOracle
 from comalkit_plugins.oracles.rule import RuleOracle
@@ -225,7 +225,8 @@ def test_every_oracle_composes_and_instantiates(name: str) -> None:
 
 def test_default_oracle_is_the_likelihood_judge_on_the_bundled_model() -> None:
     oracle = instantiate(compose([]).oracle)
-    assert isinstance(oracle, LlmJudge) and oracle.mode == "likelihood" and oracle.judge == "smollm2"
+    assert isinstance(oracle, LlmJudge) and oracle.mode == "likelihood" and oracle.judge is None
+    assert oracle.judge_names == list(dict.fromkeys(s["judge"] for s in DEFAULT_SCORERS))
     assert "SmolLM2-135M-Instruct" in oracle.identity()  # the model's fingerprint, not only its name
 
 
@@ -448,10 +449,9 @@ def test_gemma_is_assembled_once_and_atomically(monkeypatch: pytest.MonkeyPatch,
     assert list((tmp_path / "gguf").iterdir()) == [path]
 
 
-def test_check_sets_are_well_formed() -> None:
-    pairs, injections = load_check_set("obvious_pairs"), load_check_set("injections")
-    assert 20 <= len(pairs) <= 30 and len(injections) >= 10
-    assert all(set(r) >= {"prompt", "good", "bad"} and r["good"] != r["bad"] for r in pairs)
+def test_injection_set_is_well_formed() -> None:
+    pairs, injections = load_check_set("checks_tune"), load_check_set("injections")
+    assert len(injections) >= 10
     assert all(set(r) >= {"prompt", "good", "bad", "attack"} and r["bad"] in r["attack"] for r in injections)
     assert pair_accuracy(RuleOracle(kind="keyword", keywords={"zzz": 1.0}), pairs) == 0.0  # ties are not wins
 

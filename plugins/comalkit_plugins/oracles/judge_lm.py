@@ -100,6 +100,18 @@ def judge_fingerprint(judge: str) -> str:
     return f"{source}:{'|'.join(stamps)}"
 
 
+def shares_bundled_policy(judges: Sequence[str]) -> bool:
+    """Whether any judge is the bundled SmolLM2, the default policy's base model: a policy
+    trained against such a judge partly grades itself (docs/oracles.md)."""
+    from comalkit.models import bundled_gguf_path
+
+    try:
+        bundled = bundled_gguf_path().resolve()
+    except FileNotFoundError:
+        return False
+    return any(j == "smollm2" or Path(j).expanduser().resolve() == bundled for j in judges)
+
+
 _LOADED: weakref.WeakValueDictionary[tuple[str, str], JudgeModel] = weakref.WeakValueDictionary()
 _LOAD_LOCK = threading.Lock()
 
@@ -211,6 +223,44 @@ class JudgeModel:
         if truncated:
             log.warning("judge %s: %d response(s) truncated to %d tokens", self.name, truncated, limit)
         return self._mean_logprobs(prompt_ids, sequences, batch_size), truncated
+
+    def yes_no_scores(
+        self,
+        prompt: str,
+        responses: Sequence[str],
+        question: str,
+        system: str | None = None,
+        max_prompt_tokens: int = 384,
+        max_response_tokens: int = 256,
+        batch_size: int = 8,
+    ) -> tuple[Tensor, int]:
+        """log P(yes) − log P(no) of the judge asked ``question`` about each response: a pointwise score.
+
+        The request and the response are quoted in one user message, followed by ``question``;
+        "yes"/"Yes" and "no"/"No" (with and without a leading space) are summed.
+        """
+        request, _ = self.truncate(self.clean(prompt), max_prompt_tokens, keep_end=True)
+        texts, truncated = [], 0
+        for response in responses:
+            answer, cut = self.truncate(self.clean(response), max_response_tokens)
+            truncated += cut
+            user = f"Request: {request}\n\nResponse: {answer}\n\n{question}"
+            texts.append(self.format_prompt(user, system))
+        labels = [self.word_token_ids(word) for word in ("yes", "no")]
+        logp = self.next_token_logprobs(texts, labels, batch_size)
+        return logp[:, 0] - logp[:, 1], truncated
+
+    def word_token_ids(self, word: str) -> list[int]:
+        """Single-token spellings of ``word``: lower and capitalised, with and without a leading space."""
+        ids = set()
+        for variant in (word, word.capitalize()):
+            try:
+                ids.update(self.label_token_ids(variant))
+            except ValueError:
+                continue
+        if not ids:
+            raise ValueError(f"judge {self.name}: {word!r} is not a single token of its tokenizer")
+        return sorted(ids)
 
     def next_token_logprobs(
         self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], batch_size: int = 8

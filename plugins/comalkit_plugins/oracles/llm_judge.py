@@ -22,7 +22,8 @@ and ≥ 90 % on this package's data/obvious_pairs.jsonl). ``prompted`` is for la
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,46 +34,183 @@ from comalkit.interfaces import Comparison, PreferenceOracle
 from comalkit.judge_prompt import JudgePrompt
 from comalkit.registry import ConfigError, param, plugin
 from comalkit_plugins.oracles.base import bradley_terry, settings_identity
-from comalkit_plugins.oracles.judge_lm import JudgeModelSettings, judge_fingerprint
+from comalkit_plugins.oracles.judge_lm import (
+    JudgeModel,
+    JudgeModelSettings,
+    judge_fingerprint,
+    shares_bundled_policy,
+)
 
 log = logging.getLogger(__name__)
+
+#: The pointwise question of ``score: yes_no`` (P(yes) against P(no) after it).
+DEFAULT_QUESTION = (
+    "Is this response a correct, complete, polite and safe answer to the request, "
+    "in the request's language? Answer yes or no."
+)
+
+
+#: What a scorer reads from a judge model for each response y to a prompt x (per token, nats):
+#: ``likelihood`` log p(y | x), ``unconditioned`` log p(y | empty request), ``pmi`` their
+#: difference, ``yes_no`` log P(yes) − log P(no) after the pointwise question.
+SCORES = ("likelihood", "unconditioned", "pmi", "yes_no")
+
+#: The default judge: r(y) = Σ_k w_k s_k(y), weights fitted by log-loss on data/checks_tune.jsonl
+#: (bench/bench_judges.py, docs/oracles.md). Filled from the measurements.
+DEFAULT_SCORERS: list[dict[str, Any]] = [
+    {"judge": "smollm2", "score": "likelihood", "weight": 1.0},
+]
+
+#: σ(Δs / T) of a single built-in scorer, T fitted by log-loss on data/checks_tune.jsonl.
+CALIBRATED_TEMPERATURE: dict[tuple[str, str], float] = {}
+
+
+@dataclass(frozen=True)
+class Scorer:
+    judge: str
+    score: str
+    weight: float
+
+
+def parse_scorers(specs: Sequence[Any]) -> list[Scorer]:
+    """``oracle.scorers`` as :class:`Scorer` s; ConfigError naming the entry and what was expected."""
+    out = []
+    for i, spec in enumerate(specs):
+        where = f"oracle.scorers[{i}]"
+        if not isinstance(spec, Mapping) or set(spec) - {"judge", "score", "weight"}:
+            raise ConfigError(
+                f"{where}={spec!r}: expected {{judge: <model>, score: <{'|'.join(SCORES)}>, weight: <w>}}"
+            )
+        judge, score, weight = spec.get("judge"), spec.get("score", "likelihood"), spec.get("weight", 1.0)
+        if not isinstance(judge, str) or not judge:
+            raise ConfigError(f"{where}.judge={judge!r}: expected a judge model name or path")
+        if score not in SCORES:
+            raise ConfigError(f"{where}.score={score!r}: expected one of {list(SCORES)}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+            raise ConfigError(f"{where}.weight={weight!r}: expected a finite number")
+        out.append(Scorer(judge, score, float(weight)))
+    if not out:
+        raise ConfigError("oracle.scorers is empty; the likelihood judge needs at least one scorer")
+    return out
 
 
 @plugin("oracle", "llm_judge")
 @dataclass
 class LlmJudge(JudgeModelSettings, PreferenceOracle):
-    """A frozen causal LM judging pairs by likelihood or by prompt (see the module docstring)."""
+    """A frozen causal LM (or several) judging pairs by likelihood scores or by prompt (module docstring)."""
 
+    judge: str | None = param(
+        None,
+        help="one judge model (smollm2, gemma3-270m, a local HF dir / .gguf); in likelihood mode it "
+        "replaces oracle.scorers by one scorer oracle.score; None: oracle.scorers (prompted: smollm2)",
+    )
     mode: str = param("likelihood", choices=("likelihood", "prompted"), help="how the judge decides")
-    temperature: float = param(1.0, gt=0.0, help="likelihood: σ(Δs / T) with Δs in nats per token")
+    scorers: list[dict[str, Any]] = param(
+        default_factory=lambda: [dict(s) for s in DEFAULT_SCORERS],
+        help="likelihood mode: [{judge, score, weight}], the reward r(y) = Σ weight · score(y)",
+    )
+    score: str = param("likelihood", choices=SCORES, help="likelihood mode with oracle.judge: its score")
+    temperature: float | None = param(
+        None,
+        gt=0.0,
+        help="σ(Δr / T); None: calibrated (1 for oracle.scorers, whose weights carry the scale; "
+        "the fitted T of a built-in judge's score; else 1)",
+    )
+    question: str = param(DEFAULT_QUESTION, help="score yes_no: the question asked about each response")
     template: str = param("pairwise", help="prompted: template name or file with {prompt}, {a}, {b}")
     labels: list[str] = param(default_factory=lambda: ["A", "B"], help="prompted: the two answer labels")
 
     def __post_init__(self) -> None:
         if len(self.labels) != 2 or self.labels[0] == self.labels[1]:
             raise ConfigError(f"oracle.labels={self.labels}: expected two different labels, e.g. [A, B]")
-        self.prompt_template = JudgePrompt.load(self.template) if self.mode == "prompted" else None
+        default = [dict(s) for s in DEFAULT_SCORERS]
+        if self.judge is not None and [dict(s) for s in self.scorers] != default:
+            raise ConfigError(
+                f"oracle.judge={self.judge!r} and oracle.scorers are both set: give one judge model "
+                f"(oracle.judge, oracle.score) or a list of scorers (oracle.scorers), not both"
+            )
+        if self.mode == "prompted":
+            self.prompt_template = JudgePrompt.load(self.template)
+            self._scorers = [Scorer(self.judge or "smollm2", "prompted", 1.0)]
+        else:
+            self.prompt_template = None
+            single = self.judge is not None
+            self._scorers = [Scorer(self.judge, self.score, 1.0)] if single else parse_scorers(self.scorers)
+        key = (self._scorers[0].judge, self._scorers[0].score)
+        calibrated = CALIBRATED_TEMPERATURE.get(key, 1.0) if self.judge is not None else 1.0
+        self.resolved_temperature = self.temperature if self.temperature is not None else calibrated
+        self._models: dict[str, JudgeModel] = {}
         self._orders = 0
         self._consistent = 0
 
+    @property
+    def judge_names(self) -> list[str]:
+        """The judge models this oracle reads, in order, each once."""
+        return list(dict.fromkeys(s.judge for s in self._scorers))
+
+    def judge_model(self, judge: str | None = None) -> JudgeModel:
+        """The loaded model of ``judge`` (default: the first one), shared in the process."""
+        name = judge or self._scorers[0].judge
+        if name not in self._models:
+            self._models[name] = JudgeModel.shared(name, self.dtype)
+        return self._models[name]
+
     def identity(self) -> str:
+        scorers = [
+            {"judge": judge_fingerprint(s.judge), "score": s.score, "weight": s.weight} for s in self._scorers
+        ]
+        skip = ("batch_size", "judge", "scorers", "score", "temperature")
         if self.prompt_template is None:
+            uses_question = any(s.score == "yes_no" for s in self._scorers)
+            skip += ("template", "labels") + (() if uses_question else ("question",))
             return settings_identity(
-                "llm_judge",
-                self,
-                exclude=("batch_size", "template", "labels"),
-                judge=judge_fingerprint(self.judge),
+                "llm_judge", self, exclude=skip, scorers=scorers, temperature=self.resolved_temperature
             )
         return settings_identity(
-            "llm_judge", self, exclude=("batch_size", "temperature"),
-            judge=judge_fingerprint(self.judge), template=self.prompt_template.digest,
-        )  # fmt: skip
+            "llm_judge",
+            self,
+            exclude=(*skip, "question"),
+            judge=scorers[0]["judge"],
+            template=self.prompt_template.digest,
+        )
+
+    def rewards(self, prompt: str, responses: list[str]) -> Tensor:
+        """r(y) = Σ_k w_k s_k(y) for each response (likelihood mode)."""
+        memo: dict[tuple[str, str], Tensor] = {}
+
+        def read(judge: str, score: str) -> Tensor:
+            if (judge, score) not in memo:
+                model = self.judge_model(judge)
+                settings = (
+                    self.system_prompt,
+                    self.max_prompt_tokens,
+                    self.max_response_tokens,
+                    self.batch_size,
+                )
+                if score == "yes_no":
+                    values, cut = model.yes_no_scores(prompt, responses, self.question, *settings)
+                else:
+                    values, cut = model.response_scores(
+                        prompt if score == "likelihood" else "", responses, *settings
+                    )
+                self.count_truncated(cut)
+                memo[judge, score] = values.double()
+            return memo[judge, score]
+
+        total = torch.zeros(len(responses), dtype=torch.float64)
+        for s in self._scorers:
+            if s.score == "pmi":
+                value = read(s.judge, "likelihood") - read(s.judge, "unconditioned")
+            else:
+                value = read(s.judge, s.score)
+            total += s.weight * value
+        return total
 
     def compare(self, comparisons: Sequence[Comparison]) -> Tensor:
         if not comparisons:
             return torch.empty(0, dtype=torch.float64)
         if self.prompt_template is None:
-            return bradley_terry(comparisons, self.likelihood_scores, self.temperature)
+            return bradley_terry(comparisons, self.rewards, self.resolved_temperature)
         first, second = self.both_orders(comparisons)
         self._orders += len(comparisons)
         self._consistent += int(((first > 0.5) == (second > 0.5)).sum())
@@ -103,9 +241,12 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
 
     def diagnostics(self) -> dict[str, Any]:
         out = self.judge_diagnostics()
+        out["judge_models"] = self.judge_names
+        out["shares_policy_base_model"] = shares_bundled_policy(self.judge_names)
         if self.prompt_template is not None:
             out["position_consistency"] = self._consistent / self._orders if self._orders else None
         return out
 
     def close(self) -> None:
+        self._models.clear()
         self.release_judge()
