@@ -1,5 +1,6 @@
 """comalkit.models: the tiny test model, local loading, the GGUF cache (locking, atomicity), the bundled path."""
 
+import contextlib
 import importlib.util
 import threading
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch):
-    """A GGUF "file" and a conversion that writes a stub directory slowly and counts its calls."""
+    """A GGUF "file" and a conversion that writes a stub directory and counts its calls."""
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
     gguf = tmp_path / "toy.gguf"
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
@@ -140,7 +141,6 @@ def fake_gguf(tmp_path, monkeypatch):
     def convert(src: Path, out: Path) -> None:
         calls.append(out)
         (out / "model.safetensors").write_bytes(b"w")
-        threading.Event().wait(0.2)  # long enough for a second caller to arrive mid-conversion
         (out / "config.json").write_text("{}")
 
     monkeypatch.setattr(models, "_convert_gguf", convert)
@@ -154,8 +154,28 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir() == Path.home() / ".cache" / "comalkit"
 
 
-def test_conversion_runs_once_for_concurrent_callers(fake_gguf):
+def test_conversion_runs_once_for_concurrent_callers(fake_gguf, monkeypatch):
+    """The conversion goes on only once all three callers have reached its lock, so two of them
+    must wait for it and then find its result (however the threads are scheduled)."""
     gguf, calls = fake_gguf
+    at_lock, arrived = threading.Condition(), []
+    real_lock, real_convert = models._file_lock, models._convert_gguf
+
+    @contextlib.contextmanager
+    def counted_lock(path):
+        with at_lock:
+            arrived.append(path)
+            at_lock.notify_all()
+        with real_lock(path):
+            yield
+
+    def convert_once_all_wait(src, out):
+        with at_lock:
+            assert at_lock.wait_for(lambda: len(arrived) == 3, timeout=300), "callers never arrived"
+        real_convert(src, out)
+
+    monkeypatch.setattr(models, "_file_lock", counted_lock)
+    monkeypatch.setattr(models, "_convert_gguf", convert_once_all_wait)
     results = []
     threads = [threading.Thread(target=lambda: results.append(converted_gguf_dir(gguf))) for _ in range(3)]
     for t in threads:

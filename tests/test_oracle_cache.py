@@ -81,7 +81,7 @@ def test_reruns_in_new_processes_judge_nothing_again_and_write_concurrently(tmp_
     procs = [
         subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     for out in outputs:
         asked, hits, probs = out.split()

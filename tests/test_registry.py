@@ -94,7 +94,7 @@ def install_fake_distribution(site: Path, dist: str, package: str, source: str) 
 def run_comalkit(site: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "comalkit", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 EVERY_OTHER = """
