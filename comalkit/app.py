@@ -1,25 +1,87 @@
-"""The Hydra application: compose ``conf/``, validate, run the selected task, write the summary."""
+"""The Hydra application: compose ``conf/``, check everything, run the selected task, write the summary.
+
+Before a task starts (and, on the command line, before Hydra writes into the run directory,
+through :class:`Preflight`), :func:`preflight` validates the whole config, takes the run
+directory's lock, removes what interrupted writes left, and compares the config's fingerprint
+with the one stored by an earlier run in that directory. Errors end the process with one line
+and an exit code (:func:`report`); docs/reliability.md lists them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
+import json
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from comalkit.outputs import Run
+from comalkit.outputs import (
+    CorruptFileError,
+    OutputError,
+    Run,
+    RunLockedError,
+    lock_run_dir,
+    read_json,
+    remove_stale_temporaries,
+    to_jsonable,
+    unlock_run_dir,
+    write_json,
+)
 from comalkit.registry import ConfigError, instantiate, validate
 
 log = logging.getLogger("comalkit")
 #: conf/ at the repository root (the project is installed editable, see the Makefile)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: set to 1 to see the traceback behind an error message
+DEBUG_ENV = "COMALKIT_DEBUG"
+FINGERPRINT_FILE = "fingerprint.json"
+#: config keys (and subtrees) that do not change a run's results, so a resume may change them:
+#: extra metric sinks, progress and log display, Lightning's own checkpoint files, device
+#: placement, and the run length (iteration k never depends on how many follow it).
+NOT_FINGERPRINTED = (
+    "logger",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.checkpoint",
+    "trainer.accelerator",
+    "model.device",
+    "task.iterations",
+    "task.device",
+    "task.plots",
+)
+#: exit codes: config or input errors, and signals (128 + the signal number)
+EXIT_CONFIG = 2
+EXIT_ERROR = 1
+#: set once comalkit's own code runs in a command-line job (Hydra's composition errors come before)
+JOB_STARTED = False
+
+
+class FingerprintError(ConfigError):
+    """The run directory holds results of a different configuration."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived; a BaseException so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def run_name(override_dirname: str) -> str:
@@ -34,20 +96,200 @@ def run_name(override_dirname: str) -> str:
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Checks before any work
+# ---------------------------------------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    """Every check that needs only the config (no file, no model): raise ConfigError or warn."""
+    validate(cfg)
+    trainer = cfg.get("trainer")
+    if isinstance(trainer, DictConfig):
+        from comalkit.training import check_accelerator, trainer_config
+
+        check_accelerator(trainer_config(trainer))
+    model = cfg.get("model")
+    if isinstance(model, DictConfig):
+        _check_model(model)
+    _check_ignored(cfg)
+
+
+def _check_model(model: DictConfig) -> None:
+    device = str(model.get("device") or "cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"model.device={device} but no CUDA device is visible; use model.device=cpu or auto"
+            )
+    lora = model.get("lora")
+    if isinstance(lora, DictConfig) and lora.get("enabled") is False:
+        from comalkit.policy import LoraSettings
+
+        defaults = LoraSettings()
+        changed = [k for k in lora if k != "enabled" and lora[k] != getattr(defaults, k, lora[k])]
+        if changed:
+            log.warning(
+                "model.lora.%s set but model.lora.enabled=false (a full fine-tune): %s no effect",
+                ", model.lora.".join(changed),
+                "they have" if len(changed) > 1 else "it has",
+            )
+
+
+def _check_ignored(cfg: DictConfig) -> None:
+    """Settings that another setting silently overrides: say so (or refuse)."""
+    reference, solver = cfg.get("reference"), cfg.get("solver")
+    strengths = reference.get("strengths") if isinstance(reference, DictConfig) else None
+    if strengths and isinstance(solver, DictConfig) and "beta" in solver:
+        log.warning(
+            "reference.strengths=%s sets the solver's strength every round, overriding solver.beta=%s",
+            list(strengths),
+            solver.beta,
+        )
+    task = cfg.get("task")
+    if isinstance(task, DictConfig) and "logp_batch_size" in task:
+        overridden = [
+            o for o in _task_overrides() if o.split("=", 1)[0].lstrip("+") == "trainer.logps_batch_size"
+        ]
+        if overridden:
+            raise ConfigError(
+                f"{overridden[0]} has no effect with this task, which reads task.logp_batch_size "
+                f"({task.logp_batch_size}); set task.logp_batch_size instead"
+            )
+
+
+def _task_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job
+        return []
+
+
+def fingerprint(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The resolved config as flat ``key: value`` pairs, without :data:`NOT_FINGERPRINTED`."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if any(prefix == k or prefix.startswith(k + ".") for k in NOT_FINGERPRINTED):
+            return
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = to_jsonable(value)
+
+    walk("", container)
+    flat.pop("hydra", None)
+    return flat
+
+
+def check_fingerprint(cfg: DictConfig, out_dir: Path) -> None:
+    """Refuse to continue a run directory whose results came from a different config; else store ours."""
+    current = fingerprint(cfg)
+    path = out_dir / FINGERPRINT_FILE
+    fresh = f"to start fresh, run into a new directory (hydra.run.dir=...) or delete {out_dir}"
+    stored = None
+    if path.exists():
+        stored = read_json(path, f"delete it to accept the current config, or {fresh}").get("config")
+    elif (out_dir / ".hydra" / "config.yaml").is_file() and _has_results(out_dir):
+        stored = fingerprint(
+            OmegaConf.load(out_dir / ".hydra" / "config.yaml")
+        )  # a run from before fingerprints
+    if stored is not None and stored != current:
+        keys = sorted(set(stored) | set(current))
+        changed = [k for k in keys if stored.get(k, "(absent)") != current.get(k, "(absent)")]
+        shown = "; ".join(
+            f"{k}: {_short(stored.get(k, '(absent)'))} -> {_short(current.get(k, '(absent)'))}"
+            for k in changed[:8]
+        )
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise FingerprintError(
+            f"{out_dir} holds results of a different config ({FINGERPRINT_FILE}): {shown}{more}. "
+            f"Rerun the original command to resume it; {fresh}"
+        )
+    if stored is None or not path.exists():
+        digest = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()
+        write_json(path, {"sha256": digest, "config": current})
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _has_results(out_dir: Path) -> bool:
+    return any(
+        (out_dir / name).exists() for name in ("summary.json", "state.json", "metrics.jsonl", "iterations")
+    )
+
+
+_PREPARED: set[Path] = set()
+
+
+def preflight(cfg: DictConfig, out_dir: str | Path) -> None:
+    """Check the config, then lock the run directory, clean it and check its fingerprint (idempotent).
+
+    Nothing is written before :func:`check_config` passes; nothing is deleted before the lock is held.
+    """
+    out_dir = Path(out_dir).resolve()
+    if out_dir in _PREPARED:
+        return
+    check_config(cfg)
+    lock_run_dir(out_dir)
+    remove_stale_temporaries(out_dir)
+    check_fingerprint(cfg, out_dir)
+    _PREPARED.add(out_dir)
+
+
+def release(out_dir: str | Path) -> None:
+    out_dir = Path(out_dir).resolve()
+    _PREPARED.discard(out_dir)
+    unlock_run_dir(out_dir)
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Turn the first SIGTERM/SIGINT into :class:`Interrupted`, so that an atomic write in progress
+    is abandoned cleanly (its ``finally`` removes the temporary file); a second one acts as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in signums}
+
+    def handler(signum: int, frame: Any) -> None:
+        for s in signums:
+            signal.signal(s, previous[s])
+        raise Interrupted(signum)
+
+    for s in signums:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s in signums:
+            signal.signal(s, previous[s])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a job
+# ---------------------------------------------------------------------------------------------
 def execute(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     """Run one job of the composed config and return its summary (also written to ``summary.json``)."""
-    validate(cfg)
     out_dir = out_dir or HydraConfig.get().runtime.output_dir
-    loggers = [instantiate(cfg.logger)] if cfg.get("logger") is not None else []
-    for logger in loggers:
-        logger.start(out_dir, OmegaConf.to_container(cfg, resolve=True))
-    task = instantiate(cfg.task)
-    metrics_file = Path(out_dir) / "metrics.jsonl"
-    if not task.resumable and metrics_file.exists():
-        metrics_file.unlink()  # a rerun of a non-resumable task starts its metrics afresh
-    run = Run(out_dir, loggers)
-    summary = task.run(cfg, run)
-    path = run.finish(summary)
+    with signals_interrupt():
+        preflight(cfg, out_dir)
+        try:
+            loggers = [instantiate(cfg.logger)] if cfg.get("logger") is not None else []
+            task = instantiate(cfg.task)
+            run = Run(out_dir, loggers, fresh=not task.resumable)
+            for logger in loggers:
+                logger.start(Path(out_dir), OmegaConf.to_container(cfg, resolve=True))
+            summary = task.run(cfg, run)
+            path = run.finish(summary)
+        finally:
+            release(out_dir)
     log.info("results: %s", os.path.abspath(path))
     print(f"comalkit: results in {os.path.abspath(out_dir)} (summary: {path.name})", flush=True)
     return summary
@@ -62,15 +304,63 @@ def config_error(exc: BaseException) -> ConfigError | None:
     return None
 
 
+def report(exc: BaseException) -> int:
+    """Print one line for ``exc`` on stderr (the traceback too with COMALKIT_DEBUG=1); return the exit code."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exception(exc)
+    if isinstance(exc, Interrupted):
+        name = exc.args[0]
+        command = shlex.join(["python", "-m", "comalkit", *sys.argv[1:]])
+        print(
+            f"comalkit: stopped by {name}; no half-written file was kept. To resume, run the same command: {command}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + exc.signum
+    error = config_error(exc)
+    if error is not None:
+        kind, code, exc = "config error", EXIT_CONFIG, error
+    elif isinstance(exc, (RunLockedError, CorruptFileError)):
+        kind, code = "error", EXIT_CONFIG
+    elif isinstance(exc, OutputError):
+        kind, code = "I/O error", EXIT_ERROR
+    else:
+        kind, code = f"error: {type(exc).__name__}", EXIT_ERROR
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if len(message) > 1000:
+        message = message[:1000] + " ..."
+    hint = (
+        "" if os.environ.get(DEBUG_ENV) or code == EXIT_CONFIG else f" (set {DEBUG_ENV}=1 for the traceback)"
+    )
+    print(f"comalkit: {kind}: {message}{hint}", file=sys.stderr, flush=True)
+    return code
+
+
+class Preflight(Callback):
+    """Hydra callback: :func:`preflight` before Hydra creates the run directory and writes ``.hydra/``,
+    so a bad config or a directory holding another config's results is refused untouched."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global JOB_STARTED
+        JOB_STARTED = True
+        HydraConfig.instance().set_config(config)
+        out_dir = Path(str(config.hydra.run.dir)).resolve()
+        task_cfg = copy.deepcopy(config)
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        try:
+            preflight(task_cfg, out_dir)
+        except Exception as exc:
+            sys.exit(report(exc))
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
+    global JOB_STARTED
+    JOB_STARTED = True
     try:
         summary = execute(cfg)
-    except Exception as exc:
-        error = config_error(exc)
-        if error is None:
-            raise
-        print(f"comalkit: config error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except (Exception, Interrupted) as exc:
+        sys.exit(report(exc))
     objective = summary.get("objective")  # lets sweepers minimise one number
     return float(objective) if isinstance(objective, (int, float)) else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import pkgutil
 import typing
 import warnings
@@ -28,7 +29,7 @@ from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 ENTRY_POINT_GROUP = "comalkit.plugins"
 #: The config groups whose options are plugins. ``trainer`` and ``experiment`` are plain YAML.
@@ -245,9 +246,17 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+#: Config groups that are not plugins but have a schema: ``group -> (module, dataclass)``. The
+#: module is imported only when the group is present, so a game-only run never loads Lightning.
+SCHEMA_GROUPS = {"trainer": ("comalkit.training", "TrainerConfig")}
+#: Top-level keys besides the groups.
+TOP_LEVEL_KEYS = ("seed",)
+
+
 def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
     if value is None:
         return
+    _check_finite(key, value)
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(
@@ -255,17 +264,42 @@ def _check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
         )
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
-    limits = (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
-              ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<="))  # fmt: skip
+    limits = (
+        ("gt", lambda v, b: v > b, ">"),
+        ("ge", lambda v, b: v >= b, ">="),
+        ("lt", lambda v, b: v < b, "<"),
+        ("le", lambda v, b: v <= b, "<="),
+    )
     for name, ok, sign in limits:
         bound = meta.get(name)
         if bound is not None and not ok(value, bound):
             raise ConfigError(f"{key}={value!r}: expected a value {sign} {bound}.")
 
 
+def _check_finite(key: str, value: Any) -> None:
+    """No hyper-parameter may be nan or inf, at any depth (lists such as ``reference.strengths`` too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value}: expected a finite number.")
+    if isinstance(value, (list, tuple, ListConfig)):
+        for i, item in enumerate(value):
+            _check_finite(f"{key}[{i}]", item)
+    elif isinstance(value, (dict, DictConfig)):
+        for name, item in value.items():
+            _check_finite(f"{key}.{name}", item)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check every plugin group's values against its fields' range limits; raise ConfigError."""
+    """Check a composed config before any work: known top-level keys, every plugin field's type
+    limits (ranges, choices, finite numbers, no missing value) and the ``trainer`` schema."""
     choices = current_choices()
+    known = (*PLUGIN_GROUPS, *SCHEMA_GROUPS, *TOP_LEVEL_KEYS)
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(
+                f"unknown top-level key '{key}' (from +{key}=...?): expected one of {sorted(known)}."
+                + closest(str(key), known)
+            )
+    _check_finite("seed", cfg.get("seed"))
     for group in PLUGIN_GROUPS:
         node = cfg.get(group)
         if node is None or not isinstance(node, DictConfig):
@@ -275,22 +309,39 @@ def validate(cfg: DictConfig) -> None:
         if cls is None:
             chosen = choices.get(group, "?")
             raise ConfigError(f"{group}={chosen} has no registered _target_ (got {target!r}).")
-        _validate_dataclass(group, cls, node)
+        validate_dataclass(group, cls, node)
+    for group, (module, name) in SCHEMA_GROUPS.items():
+        node = cfg.get(group)
+        if isinstance(node, DictConfig):
+            validate_dataclass(group, getattr(importlib.import_module(module), name), node, strict=True)
 
 
-def _validate_dataclass(prefix: str, cls: type, node: DictConfig) -> None:
-    for f in dataclasses.fields(cls):
-        if f.name not in node or OmegaConf.is_missing(node, f.name):
+def validate_dataclass(prefix: str, cls: type, node: DictConfig, strict: bool = False) -> None:
+    """Field checks of one node; ``strict`` also rejects keys the dataclass does not have (plugin
+    nodes need no such check: Hydra's schema in the ConfigStore already rejects them)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if strict:
+        for name in node:
+            if name not in fields:
+                raise ConfigError(
+                    f"{prefix}.{name}: unknown key; {prefix} has {sorted(fields)}."
+                    + closest(str(name), fields)
+                )
+    for f in fields.values():
+        if f.name not in node:
             continue
-        value = node[f.name]
         key = f"{prefix}.{f.name}"
+        if OmegaConf.is_missing(node, f.name):
+            help_text = f.metadata.get("help") if f.metadata else ""
+            raise ConfigError(f"{key} has no value: set {key}=..." + (f" ({help_text})" if help_text else ""))
+        value = node[f.name]
         if (
             isinstance(value, DictConfig)
             and isinstance(f.default_factory, type)
             and dataclasses.is_dataclass(f.default_factory)
         ):
-            _validate_dataclass(key, f.default_factory, value)
-        elif f.metadata:
+            validate_dataclass(key, f.default_factory, value, strict)
+        else:
             _check_value(key, value, dict(f.metadata))
 
 

@@ -20,7 +20,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from comalkit.interfaces import PairLogps, RunContext, Snapshot, SubgameSolver
 from comalkit.policy import response_targets
 from comalkit.preference_data import PreferenceRecord
-from comalkit.registry import ConfigError, instantiate, registry
+from comalkit.registry import ConfigError, instantiate, param, registry
 
 #: optimizers a ``trainer.optimizer._target_`` may name (built as partials over the trainable parameters)
 OPTIMIZERS = ("torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD")
@@ -47,6 +47,14 @@ for _target in OPTIMIZERS:
 FROZEN = (("needs_last_iterate", "last"), ("needs_reference", "ref"))
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+#: Lightning accelerators comalkit runs on (TPUs would need torch_xla and were never tried)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+#: what a non-finite training loss or gradient does
+NONFINITE_MODES = ("error", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a nan or inf loss, gradient or weight; the message names the step."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,85 +64,136 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true",
 class SchedulerConfig:
     """Learning-rate schedule: linear warm-up, then constant, linear decay to 0, or cosine to 0."""
 
-    name: str = "linear"
-    warmup_steps: int = 0  # wins over warmup_ratio when > 0
-    warmup_ratio: float = 0.0
+    name: str = param(
+        "linear", choices=SCHEDULES, help="constant | linear | cosine (decay to 0 after warm-up)"
+    )
+    warmup_steps: int = param(0, ge=0, help="warm-up optimizer steps; > 0 wins over warmup_ratio")
+    warmup_ratio: float = param(0.0, ge=0.0, lt=1.0, help="warm-up as a share of all optimizer steps")
 
 
 @dataclass
 class CheckpointConfig:
     """Lightning checkpoints (trainable weights + optimizer state) under ``<out_dir>/<dirname>``."""
 
-    enabled: bool = False
-    every_n_train_steps: int | None = None  # None: at the end of every epoch
-    keep_all: bool = False  # False: only the latest (plus a last.ckpt link); True: every one
-    dirname: str = "checkpoints"
+    enabled: bool = param(False, help="write Lightning checkpoints")
+    every_n_train_steps: int | None = param(None, ge=1, help="null: at the end of every epoch")
+    keep_all: bool = param(False, help="false: only the latest (plus a last.ckpt link)")
+    dirname: str = param("checkpoints", help="directory inside the output directory")
 
 
 @dataclass
 class TrainerConfig:
-    """Everything :func:`fit` reads; ``conf/trainer/*.yaml`` set these keys (unknown keys are errors)."""
+    """Everything :func:`fit` reads; ``conf/trainer/*.yaml`` set these keys (unknown keys are errors).
 
-    accelerator: str = "auto"
-    devices: Any = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"
-    max_epochs: int = 1
-    max_steps: int = -1  # -1: no limit beyond max_epochs
-    batch_size: int = 4  # preference pairs per micro-batch (2x sequences)
-    eval_batch_size: int = 8
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = 1.0
-    lr: float = 5.0e-5
-    optimizer: dict[str, Any] = field(
-        default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.0}
+    The field limits are checked by :func:`comalkit.registry.validate` when the config is
+    composed; :func:`trainer_config` adds the checks that involve two fields.
+    """
+
+    accelerator: str = param("auto", choices=ACCELERATORS, help="where training runs")
+    devices: Any = param(1, help="devices per node: a count >= 1, -1 (all), 'auto', or a list of ids")
+    strategy: str = param("auto", help="Lightning strategy (auto, ddp, ...)")
+    num_nodes: int = param(1, ge=1, help="machines")
+    precision: str = param("32-true", choices=PRECISIONS, help="Lightning precision")
+    max_epochs: int = param(1, help="passes over the pairs: >= 1, or -1 with max_steps > 0")
+    max_steps: int = param(-1, help="-1: no limit beyond max_epochs; else > 0")
+    batch_size: int = param(4, ge=1, help="preference pairs per micro-batch (2x sequences)")
+    eval_batch_size: int = param(8, ge=1, help="pairs per held-out batch")
+    accumulate_grad_batches: int = param(1, ge=1, help="micro-batches per optimizer step")
+    gradient_clip_val: float | None = param(1.0, gt=0.0, help="gradient-norm clip; null: none")
+    lr: float = param(5.0e-5, gt=0.0, help="peak learning rate")
+    optimizer: dict[str, Any] = param(
+        default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.0},
+        help="built as optimizer(trainable_params, lr=lr)",
     )
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # held-out metrics during training too (they are always measured at the start and the end)
-    eval_every_n_steps: int | None = None
-    log_every_n_steps: int = 1
-    enable_progress_bar: bool = True
-    enable_model_summary: bool = False
-    logps_batch_size: int = 8  # sequences per no-grad forward when precomputing frozen log-probs
-    # training log-probs through a chunked, recomputed LM head (see lean_sequence_logps)
-    lean_logps: bool = True
-    shuffle: bool = True
-    seed: int = 0
+    scheduler: SchedulerConfig = param(default_factory=SchedulerConfig, help="learning-rate schedule")
+    checkpoint: CheckpointConfig = param(default_factory=CheckpointConfig, help="Lightning checkpoints")
+    eval_every_n_steps: int | None = param(
+        None, ge=1, help="held-out metrics during training too (always at the start and the end)"
+    )
+    log_every_n_steps: int = param(1, ge=1, help="metrics rows every n optimizer steps")
+    enable_progress_bar: bool = param(True, help="Lightning's progress bar")
+    enable_model_summary: bool = param(False, help="Lightning's model summary")
+    logps_batch_size: int = param(8, ge=1, help="sequences per no-grad forward for the frozen log-probs")
+    lean_logps: bool = param(True, help="training log-probs through a chunked, recomputed LM head")
+    on_nonfinite: str = param(
+        "error", choices=NONFINITE_MODES, help="a nan/inf loss or gradient: error (stop) or skip the batch"
+    )
+    shuffle: bool = param(True, help="shuffle the training pairs every epoch")
+    seed: int = param(0, help="data order")
 
 
 def trainer_config(cfg: Mapping[str, Any] | DictConfig | TrainerConfig | None) -> TrainerConfig:
     """Validate a ``trainer`` config node against :class:`TrainerConfig`; raise :class:`ConfigError`."""
     if isinstance(cfg, TrainerConfig):
         return cfg
-    schema = OmegaConf.structured(TrainerConfig)
+    from comalkit.registry import validate_dataclass
+
     try:
         if isinstance(cfg, DictConfig):  # resolve against the full config (e.g. ``seed: ${seed}``)
             cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-        merged = OmegaConf.merge(schema, cfg or {})
+        node = OmegaConf.create(cfg or {})
+        validate_dataclass("trainer", TrainerConfig, node, strict=True)
+        merged = OmegaConf.merge(OmegaConf.structured(TrainerConfig), node)
         tc: TrainerConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(f"trainer config: {exc}".replace("\n", " ")) from None
     checks = [
-        (tc.precision in PRECISIONS, f"trainer.precision={tc.precision!r}: expected one of {list(PRECISIONS)}"),
-        (tc.scheduler.name in SCHEDULES, f"trainer.scheduler.name={tc.scheduler.name!r}: expected one of {list(SCHEDULES)}"),
-        (tc.lr > 0, f"trainer.lr={tc.lr}: expected a value > 0"),
-        (tc.batch_size >= 1, f"trainer.batch_size={tc.batch_size}: expected a value >= 1"),
-        (tc.eval_batch_size >= 1, f"trainer.eval_batch_size={tc.eval_batch_size}: expected a value >= 1"),
-        (tc.accumulate_grad_batches >= 1, f"trainer.accumulate_grad_batches={tc.accumulate_grad_batches}: expected >= 1"),
-        (tc.max_epochs >= 1 or tc.max_steps > 0, "trainer: set max_epochs >= 1 or max_steps > 0"),
-        (tc.max_steps == -1 or tc.max_steps > 0, f"trainer.max_steps={tc.max_steps}: expected -1 (no limit) or > 0"),
-        (0.0 <= tc.scheduler.warmup_ratio < 1.0, f"trainer.scheduler.warmup_ratio={tc.scheduler.warmup_ratio}: expected [0, 1)"),
-        (tc.scheduler.warmup_steps >= 0, f"trainer.scheduler.warmup_steps={tc.scheduler.warmup_steps}: expected >= 0"),
-        (tc.gradient_clip_val is None or tc.gradient_clip_val > 0, f"trainer.gradient_clip_val={tc.gradient_clip_val}: expected > 0 or null"),
-        (tc.logps_batch_size >= 1, f"trainer.logps_batch_size={tc.logps_batch_size}: expected >= 1"),
-        (tc.optimizer.get("_target_") in OPTIMIZERS, f"trainer.optimizer._target_={tc.optimizer.get('_target_')!r}: expected one of {list(OPTIMIZERS)}"),
-    ]  # fmt: skip
+        (
+            tc.max_epochs >= 1 or (tc.max_epochs == -1 and tc.max_steps > 0),
+            f"trainer.max_epochs={tc.max_epochs}: expected >= 1 (or -1 with trainer.max_steps > 0); "
+            "0 would train nothing",
+        ),
+        (
+            tc.max_steps == -1 or tc.max_steps > 0,
+            f"trainer.max_steps={tc.max_steps}: expected -1 (no limit) or > 0",
+        ),
+        (
+            _devices_ok(tc.devices),
+            f"trainer.devices={tc.devices!r}: expected a count >= 1, -1 (all), 'auto' or a list of device ids",
+        ),
+        (
+            tc.optimizer.get("_target_") in OPTIMIZERS,
+            f"trainer.optimizer._target_={tc.optimizer.get('_target_')!r}: expected one of {list(OPTIMIZERS)}",
+        ),
+    ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     return tc
+
+
+def _devices_ok(devices: Any) -> bool:
+    """Lightning's forms: a count >= 1, -1 (all), "auto", or device ids ("0,1" or [0, 1])."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto":
+            return True
+        try:
+            devices = int(text)
+        except ValueError:
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            return bool(parts) and all(p.isdigit() for p in parts)
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, (list, tuple)):
+        return bool(devices) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices
+        )
+    return False
+
+
+def check_accelerator(cfg: TrainerConfig) -> None:
+    """Fail before any work when the requested accelerator is not on this machine."""
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={cfg.accelerator} but no CUDA device is visible; use trainer.accelerator=cpu or auto"
+        )
+    if cfg.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "trainer.accelerator=mps but MPS is not available; use trainer.accelerator=cpu or auto"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +370,8 @@ class PreferenceModule(L.LightningModule):
         self.cfg = trainer_config(cfg)
         self.strict_loading = False  # checkpoints carry only the trainable weights
         self._tokens_seen = 0
+        self.skipped_batches = 0  # non-finite batches skipped (trainer.on_nonfinite=skip)
+        self._last_loss = float("nan")
 
     # -- data -------------------------------------------------------------------------------------
     def collate(self, records: Sequence[PreferenceRecord]) -> dict[str, Tensor]:
@@ -362,8 +423,14 @@ class PreferenceModule(L.LightningModule):
         }
         return loss, metrics
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss, metrics = self._step(batch)
+        if not torch.isfinite(loss):
+            if self.cfg.on_nonfinite == "skip":
+                self.skipped_batches += 1
+                return None  # Lightning skips backward and the optimizer step
+            raise NonFiniteError(f"{self._where()}: the loss is {float(loss)}{self._hint()}")
+        self._last_loss = float(loss.detach())
         self._tokens_seen += int(batch["attention_mask"].sum())
         metrics["num_tokens"] = torch.tensor(float(self._tokens_seen))
         metrics["learning_rate"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
@@ -381,7 +448,25 @@ class PreferenceModule(L.LightningModule):
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            # under 16-mixed the grad scaler itself skips steps with inf gradients (it then lowers its scale)
+            if not torch.isfinite(norm) and self.cfg.precision != "16-mixed":
+                if self.cfg.on_nonfinite != "skip":
+                    raise NonFiniteError(f"{self._where()}: the gradient norm is {float(norm)}{self._hint()}")
+                self.skipped_batches += 1
+                optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
+                return
             self.log("grad_norm", norm, on_step=True, on_epoch=False)
+
+    def _where(self) -> str:
+        return f"training stopped at epoch {self.current_epoch}, step {self.global_step}"
+
+    def _hint(self) -> str:
+        fp32 = "" if self.cfg.precision in ("32-true", "32", "64-true") else ", use trainer.precision=32-true"
+        return (
+            f" (last finite loss {self._last_loss:.4g}, trainer.lr={self.cfg.lr}, trainer.precision="
+            f"{self.cfg.precision}); lower trainer.lr{fp32}, or set trainer.on_nonfinite=skip to skip such "
+            "batches. Nothing was saved."
+        )
 
     # -- optimisation ---------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -553,6 +638,9 @@ def fit(
                 k: v for k, v in _scalars(trainer.callback_metrics).items() if not k.startswith("eval_")
             }
             result["steps"] = int(trainer.global_step)
+            check_finite_weights(policy.model, module)
+            if cfg.on_nonfinite == "skip":
+                result["skipped_batches"] = module.skipped_batches
             if val_loader is not None:
                 result["eval_after"] = _scalars(trainer.validate(module, val_loader, verbose=False)[0])
     finally:
@@ -561,16 +649,28 @@ def fit(
     return result
 
 
+def check_finite_weights(model: torch.nn.Module, module: PreferenceModule | None = None) -> None:
+    """Raise :class:`NonFiniteError` if a trainable weight is nan or inf, so it is never saved."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            where = module._where() if module is not None else "training"
+            hint = module._hint() if module is not None else ""
+            raise NonFiniteError(f"{where}: the trained weight {name} holds nan or inf{hint}")
+
+
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
 __all__ = [
+    "NonFiniteError",
     "TrainerConfig",
     "PreferenceModule",
     "RunLogger",
     "autocast",
     "build_trainer",
+    "check_accelerator",
+    "check_finite_weights",
     "check_records",
     "fit",
     "lean_sequence_logps",
