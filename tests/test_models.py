@@ -10,6 +10,7 @@ import torch
 
 from comalkit import models
 from comalkit.models import (
+    ModelError,
     bundled_gguf_path,
     cache_dir,
     converted_gguf_dir,
@@ -93,17 +94,17 @@ def test_load_hf_directory_reproduces_the_saved_model(tmp_path):
 
 
 def test_missing_or_wrong_paths_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope' does not exist"):
+    with pytest.raises(ModelError, match=r"nope' does not exist"):
         load_causal_lm(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(ModelError, match="has no config.json"):
         load_causal_lm(tmp_path)
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match="not a .gguf file"):
+    with pytest.raises(ModelError, match="not a .gguf file"):
         load_causal_lm(tmp_path / "weights.bin")
     (tmp_path / "m.gguf").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match="pass gguf_file"):
+    with pytest.raises(ModelError, match="pass gguf_file"):
         load_causal_lm(tmp_path)
-    with pytest.raises(FileNotFoundError, match="other.gguf' does not exist"):
+    with pytest.raises(ModelError, match="other.gguf' does not exist"):
         load_causal_lm(tmp_path, gguf_file="other.gguf")
 
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from comalkit.__main__ import load_plugins
-from comalkit.models import bundled_gguf_path, converted_gguf_dir, load_causal_lm, tiny_causal_lm
+from comalkit.models import ModelError, bundled_gguf_path, converted_gguf_dir, load_causal_lm, tiny_causal_lm
 from comalkit.policy import LMPolicy, LoraSettings
 from comalkit.registry import ConfigError, instantiate, registry, validate
 
@@ -339,11 +339,11 @@ def test_full_checkpoint_loads_with_plain_transformers_and_overwrites_atomically
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing' does not exist"):
+    with pytest.raises(ModelError, match="missing' does not exist"):
         LMPolicy.from_checkpoint(tmp_path / "missing")
     policy = tiny_policy()
     path = policy.save_checkpoint(tmp_path / "ckpt")
-    with pytest.raises(ValueError, match="records no base model"):
+    with pytest.raises(ModelError, match="records no base model"):
         LMPolicy.from_checkpoint(path)
 
 
@@ -400,7 +400,7 @@ def test_hf_plugin_loads_a_local_directory_and_names_a_missing_one(tmp_path):
     torch.testing.assert_close(
         policy.logps(PROMPTS, RESPONSES), reference.logps(PROMPTS, RESPONSES), atol=1e-6, rtol=0
     )
-    with pytest.raises(FileNotFoundError, match="nowhere' does not exist"):
+    with pytest.raises(ModelError, match="nowhere' does not exist"):
         instantiate(model_config("hf", path=str(tmp_path / "nowhere"))).build()
     with pytest.raises(Exception, match="model=hf needs model.path"):
         instantiate(model_config("hf"))

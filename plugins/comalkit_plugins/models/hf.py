@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from comalkit.models import load_causal_lm
+from comalkit.models import check_chat_template, load_causal_lm
 from comalkit.policy import PolicySettings
 from comalkit.registry import ConfigError, param, plugin
 
@@ -28,4 +28,6 @@ class HFModel(PolicySettings):
             raise ConfigError("model=hf needs model.path=<local model directory or .gguf file>")
 
     def load(self) -> tuple[Any, Any]:
-        return load_causal_lm(self.path, gguf_file=self.gguf_file, dtype=self.dtype)
+        model, tokenizer = load_causal_lm(self.path, gguf_file=self.gguf_file, dtype=self.dtype)
+        check_chat_template(tokenizer, self.path)
+        return model, tokenizer
