@@ -12,12 +12,16 @@ line without its number.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+from comalkit.prompts import ROLES, read_lines, read_text, snippet
 from comalkit.registry import ConfigError
+
+log = logging.getLogger("comalkit")
 
 Message = dict[str, str]
 
@@ -52,6 +56,10 @@ class PreferenceDataError(ConfigError):
 def load_preferences(path: str | Path, limit: int | None = None) -> list[PreferenceRecord]:
     """Read a preference file into records; raise :class:`PreferenceDataError` on any bad row."""
     path = Path(path)
+    if path.is_dir():
+        raise PreferenceDataError(
+            f"{path} is a directory; expected a preference file (.jsonl, .json or .parquet)"
+        )
     if not path.is_file():
         hint = f" (the directory {path.parent} does not exist)" if not path.parent.is_dir() else ""
         raise PreferenceDataError(f"preference file not found: {path}{hint}")
@@ -68,7 +76,46 @@ def load_preferences(path: str | Path, limit: int | None = None) -> list[Prefere
     if len(rows) == 0:
         raise PreferenceDataError(f"{path}: no preference pairs (the dataset is empty)")
     records = [normalise_row(row, where) for row, where in zip(rows, locations)]
+    records = _without_ties(records, locations, path)
     return records[:limit] if limit is not None else records
+
+
+def _without_ties(
+    records: list[PreferenceRecord], locations: list[str], path: Path
+) -> list[PreferenceRecord]:
+    """Drop pairs whose chosen and rejected are identical (no preference to learn; an error if all
+    are), and warn about repeated pairs, naming the first of each."""
+    ties = [i for i, r in enumerate(records) if r["chosen"] == r["rejected"]]
+    if len(ties) == len(records):
+        raise PreferenceDataError(
+            f"{path}: every pair has chosen identical to rejected; there is nothing to learn"
+        )
+    if ties:
+        log.warning(
+            "%s: skipping %d pair(s) whose chosen is identical to rejected (first: %s)",
+            path,
+            len(ties),
+            locations[ties[0]],
+        )
+    seen: dict[str, int] = {}
+    repeats = []
+    for i, r in enumerate(records):
+        key = json.dumps([r["prompt"], r["chosen"], r["rejected"]])
+        if key in seen:
+            repeats.append((i, seen[key]))
+        else:
+            seen[key] = i
+    if repeats:
+        i, first = repeats[0]
+        log.warning(
+            "%s: %d repeated pair(s), kept (first: %s repeats %s)",
+            path,
+            len(repeats),
+            locations[i],
+            locations[first],
+        )
+    skip = set(ties)
+    return [r for i, r in enumerate(records) if i not in skip]
 
 
 def split_records(
@@ -128,7 +175,9 @@ def normalise_row(row: dict[str, Any], where: str) -> PreferenceRecord:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise PreferenceDataError(f"{where}: '{key}' must be a probability in [0, 1], got {value!r}")
+            raise PreferenceDataError(
+                f"{where}: '{key}' must be a probability in [0, 1], got {snippet(value)}"
+            )
         record[key] = float(value)  # type: ignore[literal-required]
     return record
 
@@ -143,8 +192,10 @@ def describe(records: Iterable[PreferenceRecord]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def _check_json(path: Path) -> list[str]:
     """Validate a JSON file row by row; return each row's location (``file:line``)."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+    with path.open("rb") as fh:
+        is_array = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    if is_array:
+        text = read_text(path, PreferenceDataError)
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -152,7 +203,7 @@ def _check_json(path: Path) -> list[str]:
         rows = [(f"{path}: item {i}", item) for i, item in enumerate(items)]
     else:
         rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        for lineno, line in read_lines(path, PreferenceDataError):
             if not line.strip():
                 continue
             try:
@@ -182,7 +233,8 @@ def _load_with_datasets(path: Path, builder: str) -> list[dict[str, Any]]:
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets wraps parser errors without the file name
-        raise PreferenceDataError(f"{path}: could not be read as {builder}: {exc}") from exc
+        detail = " ".join(str(exc).split())[:200]
+        raise PreferenceDataError(f"{path}: could not be read as {builder}: {detail}") from exc
     return dataset.to_list()
 
 
@@ -204,7 +256,11 @@ def _is_messages(value: Any) -> bool:
 def _message(m: Any, key: str, where: str) -> Message:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
         raise PreferenceDataError(
-            f"{where}: '{key}' holds {m!r}; expected messages like {{'role': ..., 'content': ...}}"
+            f"{where}: '{key}' holds {snippet(m)}; expected messages like {{'role': ..., 'content': ...}}"
+        )
+    if m["role"] not in ROLES:
+        raise PreferenceDataError(
+            f"{where}: '{key}' has a message with role {snippet(m['role'])}; expected one of {list(ROLES)}"
         )
     return {"role": m["role"], "content": m["content"]}
 
@@ -215,9 +271,15 @@ def _prompt(value: Any, where: str) -> str | list[Message]:
             raise PreferenceDataError(f"{where}: 'prompt' is empty")
         return value
     if isinstance(value, list) and value:
-        return [_message(m, "prompt", where) for m in value]
+        messages = [_message(m, "prompt", where) for m in value]
+        if messages[-1]["role"] != "user":
+            raise PreferenceDataError(
+                f"{where}: 'prompt' ends with a {messages[-1]['role']} message; expected the user turn the "
+                "responses answer"
+            )
+        return messages
     raise PreferenceDataError(
-        f"{where}: 'prompt' must be a string or a non-empty list of messages, got {value!r}"
+        f"{where}: 'prompt' must be a string or a non-empty list of messages, got {snippet(value)}"
     )
 
 

@@ -18,6 +18,7 @@ multi-turn conversation is an error rather than silently truncated context.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from comalkit.registry import ConfigError
+
+log = logging.getLogger("comalkit")
+
+#: the longest line a data file may hold (a longer one is a wrong file, not a prompt)
+MAX_LINE_BYTES = 16 * 2**20
+#: the chat roles a message may have
+ROLES = ("system", "user", "assistant")
 
 #: file suffixes read as JSON (lines, or one array), plain text (one prompt per line) or parquet
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -163,6 +171,57 @@ def take(prompts: Sequence[str], size: int | None, origin: str, key: str = "eval
 # ---------------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------------
+def read_lines(path: Path, error: type[ConfigError] = ConfigError) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file, read a line at a time with bounded memory.
+
+    A byte that is not UTF-8 or a line over :data:`MAX_LINE_BYTES` raises ``error`` naming
+    ``file:line`` and the byte offset; nothing of the file's content goes into the message.
+    """
+    if path.is_dir():
+        raise error(f"{path} is a directory; expected a file")
+    offset = 0
+    with path.open("rb") as fh:
+        lineno = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise error(
+                    f"{path}:{lineno}: the line is longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                    "expected one row per line (is this the right file?)"
+                )
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}, byte offset "
+                    f"{offset + exc.start} of the file); save the file as UTF-8"
+                ) from None
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark is not content
+            offset += len(raw)
+            yield lineno, text.rstrip("\r\n")
+
+
+def read_text(path: Path, error: type[ConfigError] = ConfigError) -> str:
+    """A whole UTF-8 file (a JSON array); a bad byte raises ``error`` naming ``file:line``."""
+    if path.is_dir():
+        raise error(f"{path} is a directory; expected a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise error(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at byte offset {exc.start}); save the file as UTF-8"
+        ) from None
+
+
+def snippet(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about huge rows."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_prompts(path: str | Path, field: str = "prompt", dataset_split: str = "train") -> LoadedPrompts:
     """Read the prompts of a local file or ``datasets`` directory; raise :class:`PromptDataError`.
 
@@ -183,9 +242,7 @@ def read_prompts(path: str | Path, field: str = "prompt", dataset_split: str = "
     elif path.suffix.lower() in JSON_SUFFIXES:
         rows = _json_rows(path, field)
     elif path.suffix.lower() in TEXT_SUFFIXES:
-        rows = (
-            (f"{path}:{i}", line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        )
+        rows = ((f"{path}:{i}", line) for i, line in read_lines(path, PromptDataError))
     else:
         known = JSON_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES
         raise PromptDataError(
@@ -201,6 +258,11 @@ def read_prompts(path: str | Path, field: str = "prompt", dataset_split: str = "
     if not prompts:
         detail = f"all {empty} rows are empty" if empty else "the file holds no rows"
         raise PromptDataError(f"no usable prompts in {path}: {detail}")
+    duplicates = len(prompts) - len(set(prompts))
+    if duplicates:
+        log.warning(
+            "%s: %d duplicate prompt(s); each copy is sampled like any other prompt", path, duplicates
+        )
     return LoadedPrompts(prompts, str(path), empty)
 
 
@@ -213,7 +275,7 @@ def prompt_text(value: Any, where: str, field: str = "prompt") -> str | None:
     if isinstance(value, (list, tuple)):
         return _user_turn(list(value), where, field)
     raise PromptDataError(
-        f"{where}: '{field}' must be a string or a list of chat messages, got {type(value).__name__} {value!r:.60}"
+        f"{where}: '{field}' must be a string or a list of chat messages, got {type(value).__name__} {snippet(value)}"
     )
 
 
@@ -221,7 +283,11 @@ def _user_turn(messages: list[Any], where: str, field: str) -> str | None:
     for m in messages:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise PromptDataError(
-                f"{where}: '{field}' holds {m!r:.60}; expected messages like {{'role': ..., 'content': ...}}"
+                f"{where}: '{field}' holds {snippet(m)}; expected messages like {{'role': ..., 'content': ...}}"
+            )
+        if m["role"] not in ROLES:
+            raise PromptDataError(
+                f"{where}: '{field}' has a message with role {snippet(m['role'])}; expected one of {list(ROLES)}"
             )
     while messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]  # a conversation with its reply: the prompt is what precedes it
@@ -237,8 +303,8 @@ def _user_turn(messages: list[Any], where: str, field: str) -> str | None:
 
 
 def _json_rows(path: Path, field: str) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    if path.suffix.lower() == ".json" and _starts_with_bracket(path):
+        text = read_text(path, PromptDataError)
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -247,13 +313,20 @@ def _json_rows(path: Path, field: str) -> Iterator[tuple[str, Any]]:
             ) from None
         located = ((f"{path}: item {i}", item) for i, item in enumerate(items))
     else:
-        located = _json_lines(path, text)
+        located = _json_lines(path)
     for where, row in located:
         yield where, _field(row, field, where)
 
 
-def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+def _starts_with_bracket(path: Path) -> bool:
+    """Whether a JSON file holds one array (its first non-blank byte is ``[``)."""
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    for lineno, line in read_lines(path, PromptDataError):
         if not line.strip():
             continue
         try:
@@ -297,7 +370,10 @@ def _dataset_rows(path: Path, field: str, dataset_split: str) -> Iterator[tuple[
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as exc:
-        raise PromptDataError(f"{path}: not a directory written by datasets' save_to_disk ({exc})") from exc
+        detail = " ".join(str(exc).split())[:200]
+        raise PromptDataError(
+            f"{path}: not a directory written by datasets' save_to_disk ({detail})"
+        ) from exc
     if isinstance(data, datasets.DatasetDict):
         if dataset_split not in data:
             raise PromptDataError(
