@@ -20,8 +20,9 @@ Meta-Algorithm for Aligning LLMs with General Preferences").
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from comalkit.interfaces import ReferenceUpdater, SubgameSolver
+from comalkit.interfaces import ReferenceUpdater, Snapshot, SubgameSolver
 from comalkit.registry import ConfigError
 
 #: Default tolerance on ``M[i][j] + M[j][i] = 1`` and on a start policy's sum.
@@ -369,11 +370,48 @@ def game_metrics(matrix: Tensor, logp: Tensor, nash: Tensor) -> dict[str, Tensor
 # ---------------------------------------------------------------------------------------------
 # The batched dynamics engine
 # ---------------------------------------------------------------------------------------------
+#: Default duality-gap tolerance at which ``task=synthetic`` stops (``task.tol``).
+GAP_TOL = 1e-8
+#: Default number of iterations between two convergence checks (``task.check_every``).
+CHECK_EVERY = 100
+#: On CPU, batches of at most this many matrix entries (B·n²) run on numpy when the solver
+#: allows it (``numpy_update``): a torch op costs ~3 µs of dispatch against ~1 µs in numpy,
+#: and on games this small the dispatch is the whole cost (docs/games.md, "Speed").
+NUMPY_MAX_ENTRIES = 1 << 12
+BACKENDS = ("auto", "numpy", "torch")
+#: With ``record_every=0``, every iteration is recorded up to this one, then every 10th up to
+#: ten times it, every 100th up to a hundred times it, and so on (a few thousand records).
+AUTO_RECORD_DENSE = 1000
+#: A single game's ``Σ exp(logits)`` inside this range is summed without the max shift.
+_SAFE_SUM = (1e-300, 1e300)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"`` (or None) is CUDA when present, else CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def normalise_numpy(logits: np.ndarray) -> np.ndarray:
+    """``logits − log Σ exp(logits)`` over the last axis: the solvers' ``normalise`` on numpy.
+
+    For one game (1-D) the sum is taken without the max shift when it lies well inside the
+    float range, which is the common case and saves a reduction; otherwise, and for
+    batches, the usual max-shifted form. Both are exact to rounding.
+    """
+    if logits.ndim == 1:
+        total = float(_add_reduce(_exp(logits)))
+        if _SAFE_SUM[0] < total < _SAFE_SUM[1]:
+            return logits - math.log(total)
+        shifted = logits - _max_reduce(logits)
+        return shifted - math.log(float(_add_reduce(_exp(shifted))))
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+# ufuncs called directly: ndarray.sum/max go through Python wrappers that cost ~1 µs each
+_exp, _add_reduce, _max_reduce = np.exp, np.add.reduce, np.maximum.reduce
 
 
 @dataclass
@@ -383,7 +421,9 @@ class Trajectory:
     ``steps[r]`` is the iteration after which record ``r`` was taken (0 = the start);
     ``metrics[name]`` and ``policies`` are indexed ``[r, game]`` (``policies`` is None
     unless kept). ``round_policies[t]`` is the policy each time the reference moved:
-    COMAL's outer iterates π_{t+1}, after ``round_ends[t]`` iterations.
+    COMAL's outer iterates π_{t+1}, after ``round_ends[t]`` iterations. ``iterations`` is
+    how many were run (fewer than asked when the gap fell below ``tol`` first), and
+    ``converged`` whether every game's final gap is below ``tol`` (None without one).
     """
 
     steps: Tensor  # [R]
@@ -393,6 +433,9 @@ class Trajectory:
     nash: Tensor  # [B, n]
     round_ends: list[int]
     round_policies: Tensor  # [T, B, n]
+    iterations: int = 0
+    converged: bool | None = None
+    backend: str = "torch"
 
     @property
     def final(self) -> dict[str, Tensor]:
@@ -409,37 +452,111 @@ def record_steps(iterations: int, every: int) -> list[int]:
 
 
 class _Recorder:
-    """Copies log-policies into a device buffer (one copy per record, no host sync) and turns
-    each full buffer into metrics in one batched pass, so recording barely slows the loop."""
+    """Copies log-policies into a buffer (one copy per record, no host sync) and turns each
+    full buffer into metrics in one batched torch pass, so recording barely slows the loop.
+    The buffer is a device tensor, or a numpy array on the numpy path."""
 
     CHUNK = 256
 
-    def __init__(self, m: Tensor, nash: Tensor, records: int, keep_policies: bool) -> None:
-        self.m, self.nash, self.records = m, nash, records
-        self.buffer = torch.empty(min(records, self.CHUNK), *nash.shape, dtype=m.dtype, device=m.device)
-        self.metrics: dict[str, Tensor] = {}
-        self.policies = torch.empty(records, *nash.shape, dtype=m.dtype) if keep_policies else None
-        self.filled = 0  # records written so far
+    def __init__(self, m: Tensor, nash: Tensor, keep_policies: bool, on_numpy: bool) -> None:
+        self.m, self.nash, self.on_numpy = m, nash, on_numpy
+        shape = (self.CHUNK, *nash.shape)
+        self.buffer = np.empty(shape) if on_numpy else torch.empty(shape, dtype=m.dtype, device=m.device)
+        self.steps: list[int] = []
+        self.metrics: dict[str, list[Tensor]] = {}
+        self.policies: list[Tensor] | None = [] if keep_policies else None
         self.pending = 0  # records in the buffer not yet turned into metrics
 
-    def add(self, logp: Tensor) -> None:
-        self.buffer[self.pending].copy_(logp)
+    def add(self, step: int, logp: Any) -> None:
+        self.buffer[self.pending] = logp
+        self.steps.append(step)
         self.pending += 1
-        if self.pending == len(self.buffer):
+        if self.pending == self.CHUNK:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
         chunk = self.buffer[: self.pending]
+        chunk = torch.from_numpy(chunk.copy()) if self.on_numpy else chunk
         for key, value in game_metrics(self.m.unsqueeze(0), chunk, self.nash).items():
-            if key not in self.metrics:
-                self.metrics[key] = torch.empty(self.records, *value.shape[1:], dtype=value.dtype)
-            self.metrics[key][self.filled : self.filled + self.pending] = value.cpu()
+            self.metrics.setdefault(key, []).append(value.cpu())
         if self.policies is not None:
-            self.policies[self.filled : self.filled + self.pending] = chunk.exp().cpu()
-        self.filled += self.pending
+            self.policies.append(chunk.exp().cpu())
         self.pending = 0
+
+    def result(self) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        self.flush()
+        metrics = {key: torch.cat(chunks) for key, chunks in self.metrics.items()}
+        policies = torch.cat(self.policies) if self.policies is not None else None
+        return torch.tensor(self.steps), metrics, policies
+
+
+class _ArraySnapshot(Mapping):
+    """``{"logits": log π}`` for the reference updater, made a tensor only if the updater reads
+    it (prox reads it once per round): building a tensor every iteration would cost more
+    than the numpy update itself. It shares memory with the array, which is never modified."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key != "logits":
+            raise KeyError(key)
+        return torch.from_numpy(self.array)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("logits",))
+
+    def __len__(self) -> int:
+        return 1
+
+
+class _Ops:
+    """What the loop needs from an array library: win rates, the gap, snapshots (torch)."""
+
+    def __init__(self, m: Tensor, on_numpy: bool) -> None:
+        self.shape = m.shape[:2]
+        if not on_numpy:
+            self.win_rate = lambda logp: win_rates(m, logp.softmax(-1))
+            self.snapshot = lambda logp: {"logits": logp}
+            return
+        a = m.cpu().numpy()
+        if a.shape[0] == 1:  # one game: 1-D policies, a plain mat-vec
+            a2, dot = a[0], np.dot
+            self.win_rate = lambda logp: dot(a2, _exp(logp))
+        else:
+            self.win_rate = lambda logp: np.matmul(a, _exp(logp)[..., None])[..., 0]
+        self.snapshot = _ArraySnapshot
+        self.on_numpy = on_numpy
+
+    def start(self, p0: Tensor) -> Any:
+        logp = p0.log().log_softmax(-1)
+        if getattr(self, "on_numpy", False):
+            logp = logp.cpu().numpy()
+            return logp[0] if self.shape[0] == 1 else logp
+        return logp
+
+    def gap(self, logp: Any) -> float:
+        return 2.0 * float(self.win_rate(logp).max()) - 1.0
+
+    def reference(self, snapshot: Snapshot, like: Any) -> Any:
+        """log μ from the updater's snapshot, normalised, in the loop's array type."""
+        logits = snapshot["logits"]
+        if not isinstance(like, np.ndarray):
+            return logits.to(like.device, torch.float64).log_softmax(-1)
+        if logits.dtype != torch.float64 or logits.device.type != "cpu" or logits.requires_grad:
+            logits = logits.detach().to("cpu", torch.float64)
+        array = logits.numpy()
+        return normalise_numpy(array if array.shape == like.shape else array.reshape(like.shape))
+
+    def tensor(self, logp: Any) -> Tensor:
+        """``[B, n]`` float64 on the CPU."""
+        if isinstance(logp, np.ndarray):
+            return torch.from_numpy(np.array(logp)).reshape(self.shape)
+        return logp.cpu()
 
 
 #: Below this many matrix entries per batch (B·n²), a CPU run uses one thread: the ops are too
@@ -448,8 +565,9 @@ SINGLE_THREAD_BELOW = 1 << 24
 
 
 @contextmanager
-def _threads_for(m: Tensor) -> Iterator[None]:
-    if m.device.type != "cpu" or m.numel() >= SINGLE_THREAD_BELOW:
+def _threads_for(m: Tensor, backend: str) -> Iterator[None]:
+    # numpy needs no torch threads; and changing them back costs the next torch op ~30 ms
+    if backend == "numpy" or m.device.type != "cpu" or m.numel() >= SINGLE_THREAD_BELOW:
         yield
         return
     before = torch.get_num_threads()
@@ -458,6 +576,21 @@ def _threads_for(m: Tensor) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def choose_backend(backend: str, device: torch.device, solver: SubgameSolver, entries: int) -> str:
+    """``numpy`` or ``torch`` for a run; ``auto`` takes numpy for small CPU batches when it can."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    able = getattr(solver, "numpy_update", False)  # duck-typed solvers run on torch
+    if backend == "numpy":
+        if not able or device.type != "cpu":
+            why = "its population update is torch-only" if not able else f"the device is {device}"
+            raise ConfigError(f"backend=numpy: solver {type(solver).__name__} cannot run on numpy ({why})")
+        return "numpy"
+    if backend == "auto" and able and device.type == "cpu" and entries <= NUMPY_MAX_ENTRIES:
+        return "numpy"
+    return "torch"
 
 
 def run_dynamics(
@@ -471,16 +604,23 @@ def run_dynamics(
     record_every: int = 1,
     keep_policies: bool = True,
     device: str | torch.device | None = "auto",
+    tol: float | None = None,
+    check_every: int = CHECK_EVERY,
+    backend: str = "auto",
 ) -> Trajectory:
-    """Run ``iterations`` population updates of ``solver`` on a batch of games at once.
+    """Run up to ``iterations`` population updates of ``solver`` on a batch of games at once.
 
     Per iteration k (0-based): ``log π ← solver.population_update(log π, log μ, win_rate)``
-    with ``win_rate(log π) = M softmax(log π)``; then ``reference.update`` may move μ (the
-    tabular snapshot is ``{"logits": log π}``), and at the start of each outer round
+    with ``win_rate(log π) = M π``; then ``reference.update`` may move μ (the tabular
+    snapshot is ``{"logits": log π}``), and at the start of each outer round
     ``solver.set_strength(reference.strength(round))`` when that is not None. The reference
-    starts at the start policy. Metrics against π* (the LP solution unless ``nash`` is
-    given) are recorded every ``record_every`` iterations; ``keep_policies=False`` drops
-    the recorded policies (``[R, B, n]``) for big batches. Everything is float64.
+    starts at the start policy. With ``tol``, every ``check_every`` iterations the worst
+    game's duality gap is computed, and the run stops once it is below ``tol``.
+    Metrics against π* (the LP solution unless ``nash`` is given) are recorded every
+    ``record_every`` iterations (0: densely early and sparser each decade, see
+    :data:`AUTO_RECORD_DENSE`) and at the last; ``keep_policies=False`` drops the recorded
+    policies (``[R, B, n]``) for big batches. Everything is float64. ``backend``: small CPU
+    batches run on numpy (``auto``) when the solver's update allows, else torch.
     """
     dev = resolve_device(device)
     m = torch.as_tensor(np.asarray(matrices) if not isinstance(matrices, Tensor) else matrices)
@@ -492,49 +632,83 @@ def run_dynamics(
         nash = nash_policy(m.cpu().numpy())
     pi_star = torch.as_tensor(np.asarray(nash) if not isinstance(nash, Tensor) else nash)
     pi_star = pi_star.to(dev, torch.float64).expand(m.shape[:2])
+    chosen = choose_backend(backend, dev, solver, m.numel())
+    ops = _Ops(m, chosen == "numpy")
+    recorder = _Recorder(m, pi_star, keep_policies, chosen == "numpy")
+    with _threads_for(m, chosen), torch.no_grad():  # the dynamics never need gradients
+        logp, done, round_ends, round_policies = _loop(
+            ops, recorder, p0, solver, reference, iterations, record_every, tol, check_every
+        )
+    steps, metrics, policies = recorder.result()
+    _check_finite(metrics["gap"], steps.tolist())
+    shape = (len(round_policies), *m.shape[:2])
+    return Trajectory(
+        steps=steps,
+        metrics=metrics,
+        policies=policies,
+        final_logp=ops.tensor(logp),
+        nash=pi_star.cpu(),
+        round_ends=round_ends,
+        round_policies=torch.stack([ops.tensor(p) for p in round_policies]).reshape(shape).exp()
+        if round_policies
+        else torch.empty(shape, dtype=torch.float64),
+        iterations=done,
+        converged=None if tol is None else bool((metrics["gap"][-1] < tol).all()),
+        backend=chosen,
+    )
 
-    def win_rate(logp: Tensor) -> Tensor:
-        return win_rates(m, logp.softmax(-1))
 
-    steps = record_steps(iterations, record_every)
-    recorder = _Recorder(m, pi_star, len(steps), keep_policies)
-    logp = p0.log().log_softmax(-1)
-    ref: dict[str, Tensor] = {"logits": logp.clone()}
-    ref_logp = logp.clone()
+def _loop(
+    ops: _Ops,
+    recorder: _Recorder,
+    p0: Tensor,
+    solver: SubgameSolver,
+    reference: ReferenceUpdater,
+    iterations: int,
+    record_every: int,
+    tol: float | None,
+    check_every: int,
+) -> tuple[Any, int, list[int], list[Any]]:
+    """The iterations themselves; ``(final log π, iterations run, round ends, round policies)``."""
+    logp = ops.start(p0)
+    ref: Snapshot = {"logits": ops.tensor(logp).reshape(p0.shape).to(p0.device).clone()}
+    ref_logp = ops.reference(ref, logp)
     round_index = reference.round_of(0)
     _apply_strength(solver, reference, round_index)
     round_ends: list[int] = []
-    round_policies: list[Tensor] = []
-    recorder.add(logp)
-    slot = 1
-    with _threads_for(m), torch.no_grad():  # the dynamics never need gradients
-        for k in range(iterations):
-            this_round = reference.round_of(k)
-            if this_round != round_index:
-                round_index = this_round
-                _apply_strength(solver, reference, round_index)
-            logp = solver.population_update(logp, ref_logp, win_rate)
-            moved = reference.update(ref, {"logits": logp}, k)
-            if moved is not None:
-                ref = moved
-                ref_logp = ref["logits"].to(dev, torch.float64).log_softmax(-1)
-                round_ends.append(k + 1)
-                round_policies.append(logp.exp())
-            if slot < len(steps) and steps[slot] == k + 1:
-                recorder.add(logp)
-                slot += 1
-        recorder.flush()
-    _check_finite(recorder.metrics["gap"], steps)
-    empty = torch.empty(0, *m.shape[:2], dtype=torch.float64)
-    return Trajectory(
-        steps=torch.tensor(steps),
-        metrics=recorder.metrics,
-        policies=recorder.policies,
-        final_logp=logp.cpu(),
-        nash=pi_star.cpu(),
-        round_ends=round_ends,
-        round_policies=torch.stack(round_policies).cpu() if round_policies else empty,
+    round_policies: list[Any] = []
+    recorder.add(0, logp)
+    update, win_rate, snapshot, round_of = (
+        solver.population_update,
+        ops.win_rate,
+        ops.snapshot,
+        reference.round_of,
     )
+    # record_every=0: every iteration up to AUTO_RECORD_DENSE, then ten times sparser each decade
+    stride, decade = (record_every, 0) if record_every else (1, AUTO_RECORD_DENSE)
+    done = 0
+    for k in range(iterations):
+        this_round = round_of(k)
+        if this_round != round_index:
+            round_index = this_round
+            _apply_strength(solver, reference, round_index)
+        logp = update(logp, ref_logp, win_rate)
+        moved = reference.update(ref, snapshot(logp), k)
+        if moved is not None:
+            ref = moved
+            ref_logp = ops.reference(ref, logp)
+            round_ends.append(k + 1)
+            round_policies.append(logp)
+        done = k + 1
+        if done == decade:
+            stride, decade = stride * 10, decade * 10
+        # below the tolerance, or not finite (which _check_finite then reports)
+        stop = tol is not None and done % check_every == 0 and not ops.gap(logp) >= tol
+        if stop or done % stride == 0 or done == iterations:
+            recorder.add(done, logp)
+        if stop:
+            break
+    return logp, done, round_ends, round_policies
 
 
 def _apply_strength(solver: SubgameSolver, reference: ReferenceUpdater, round_index: int) -> None:

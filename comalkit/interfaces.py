@@ -81,6 +81,9 @@ class SubgameSolver(ABC):
     needs_win_probs: bool = False
     #: False for game-only methods (extragradient, Nash-MD) whose update needs exact expectations
     language_model: bool = True
+    #: True when :meth:`population_update` also works on numpy arrays (arithmetic, ``win_rate``
+    #: and ``normalise`` only): the game engine then runs small CPU games on numpy
+    numpy_update: bool = False
 
     @abstractmethod
     def loss(self, batch: PairLogps) -> LossOutput:

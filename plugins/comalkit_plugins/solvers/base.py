@@ -11,9 +11,11 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from comalkit.games import normalise_numpy
 from comalkit.interfaces import LossOutput, PairLogps, SubgameSolver, WinRateFn
 from comalkit.registry import ConfigError
 
@@ -22,7 +24,13 @@ _LOG_ZERO = -1e4
 
 
 def normalise(logits: Tensor) -> Tensor:
-    """Log-probabilities from unnormalised log-weights over the last dimension."""
+    """Log-probabilities from unnormalised log-weights over the last dimension.
+
+    A numpy array is normalised with numpy: solvers with ``numpy_update`` run small games on
+    the game engine's numpy path (``comalkit.games.run_dynamics``).
+    """
+    if isinstance(logits, np.ndarray):
+        return normalise_numpy(logits)
     return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 

@@ -46,6 +46,7 @@ class NashMD(GameOnlySolver):
 
     needs_reference = True
     strength_field = "tau"
+    numpy_update = True
 
     def __post_init__(self) -> None:
         self._check_mixture()
@@ -79,6 +80,7 @@ class Extragradient(GameOnlySolver):
     eta: float = param(0.5, gt=0.0, help="step size η")
 
     needs_reference = False
+    numpy_update = True
 
     def population_update(self, last_logp: Tensor, ref_logp: Tensor, win_rate: WinRateFn) -> Tensor:
         half = normalise(last_logp + self.eta * win_rate(last_logp))

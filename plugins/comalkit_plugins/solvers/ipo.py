@@ -51,6 +51,8 @@ class SquaredMarginSolver(PairSolver):
         False, help="divide log-ratios by response length (TRL's IPO); default: summed"
     )
 
+    numpy_update = True  # population_update is arithmetic, win_rate and normalise only
+
     @property
     @abstractmethod
     def ratio(self) -> float:
