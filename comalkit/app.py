@@ -114,6 +114,11 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_model(model: DictConfig) -> None:
+    length, prompt = model.get("max_length"), model.get("max_prompt_length")
+    if isinstance(length, int) and isinstance(prompt, int) and prompt >= length:
+        raise ConfigError(
+            f"model.max_prompt_length={prompt} must be < model.max_length={length} (a response needs a token)"
+        )
     device = str(model.get("device") or "cpu")
     if device.startswith("cuda"):
         import torch
@@ -190,12 +195,12 @@ def check_fingerprint(cfg: DictConfig, out_dir: Path) -> None:
     path = out_dir / FINGERPRINT_FILE
     fresh = f"to start fresh, run into a new directory (hydra.run.dir=...) or delete {out_dir}"
     stored = None
-    if path.exists():
-        stored = read_json(path, f"delete it to accept the current config, or {fresh}").get("config")
-    elif (out_dir / ".hydra" / "config.yaml").is_file() and _has_results(out_dir):
-        stored = fingerprint(
-            OmegaConf.load(out_dir / ".hydra" / "config.yaml")
-        )  # a run from before fingerprints
+    if _has_results(out_dir):  # a directory without results (a failed start) takes any config
+        if path.exists():
+            stored = read_json(path, f"delete it to accept the current config, or {fresh}")
+            stored = stored.get("config") if isinstance(stored, dict) else None
+        elif (out_dir / ".hydra" / "config.yaml").is_file():  # a run from before fingerprints
+            stored = fingerprint(OmegaConf.load(out_dir / ".hydra" / "config.yaml"))
     if stored is not None and stored != current:
         keys = sorted(set(stored) | set(current))
         changed = [k for k in keys if stored.get(k, "(absent)") != current.get(k, "(absent)")]
@@ -208,7 +213,7 @@ def check_fingerprint(cfg: DictConfig, out_dir: Path) -> None:
             f"{out_dir} holds results of a different config ({FINGERPRINT_FILE}): {shown}{more}. "
             f"Rerun the original command to resume it; {fresh}"
         )
-    if stored is None or not path.exists():
+    if stored is None:
         digest = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()
         write_json(path, {"sha256": digest, "config": current})
 
@@ -219,9 +224,16 @@ def _short(value: Any) -> str:
 
 
 def _has_results(out_dir: Path) -> bool:
-    return any(
-        (out_dir / name).exists() for name in ("summary.json", "state.json", "metrics.jsonl", "iterations")
+    names = (
+        "summary.json",
+        "state.json",
+        "metrics.jsonl",
+        "iterations",
+        "checkpoint",
+        "checkpoints",
+        "previous",
     )
+    return any((out_dir / name).exists() for name in names)
 
 
 _PREPARED: set[Path] = set()

@@ -327,8 +327,9 @@ def validate_dataclass(prefix: str, cls: type, node: DictConfig, strict: bool = 
                     f"{prefix}.{name}: unknown key; {prefix} has {sorted(fields)}."
                     + closest(str(name), fields)
                 )
+    present = set(node.keys())  # ``in`` is False for a missing (???) value; keys() lists it
     for f in fields.values():
-        if f.name not in node:
+        if f.name not in present:
             continue
         key = f"{prefix}.{f.name}"
         if OmegaConf.is_missing(node, f.name):

@@ -643,6 +643,11 @@ def fit(
                 result["skipped_batches"] = module.skipped_batches
             if val_loader is not None:
                 result["eval_after"] = _scalars(trainer.validate(module, val_loader, verbose=False)[0])
+                bad = {k: v for k, v in result["eval_after"].items() if not math.isfinite(v)}
+                if bad:
+                    raise NonFiniteError(
+                        f"after training, held-out metrics are not finite: {bad}{module._hint()}"
+                    )
     finally:
         policy.model.train(was_training)
     result["seconds"] = time.perf_counter() - start
