@@ -209,3 +209,24 @@ def test_failed_package_leaves_the_registry_as_it_was(tmp_path, monkeypatch):
         reg.load_entry_points()
     assert reg.names("reference") == [] and "half_comalkit.Half" not in reg.allowed_targets()
     assert "half_comalkit:register" in reg.failed_entry_points and not reg.loaded_entry_points
+
+
+def test_configuration_reference_is_generated_from_the_schemas():
+    """docs/configuration.md is what tools/config_reference.py writes from the registry today, and
+    it names every built-in option of every group (run the tool after changing a plugin)."""
+    proc = subprocess.run(
+        [sys.executable, "tools/config_reference.py", "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    page = (REPO / "docs" / "configuration.md").read_text()
+    load_plugins()
+    for group in registry._plugins:
+        for name in registry.names(group):
+            if registry.get(group, name).__module__.startswith(("comalkit.", "comalkit_plugins.")):
+                assert f"### `{group}={name}`" in page, (group, name)
+    ema = page[page.index("### `reference=ema`") :].split("###")[1]
+    assert "| `alpha` | float | `0.5` | > 0.0, ≤ 1.0 | weight of the current policy |" in ema
