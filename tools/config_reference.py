@@ -93,7 +93,9 @@ def plain(doc: str) -> str:
     """The first paragraph of a docstring on one line, reST roles reduced to code."""
     first = inspect.cleandoc(doc).split("\n\n")[0]
     first = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", first)
-    return " ".join(first.split())
+    parts = " ".join(first.split()).split("`")
+    parts[::2] = [p.replace("*", "\\*") for p in parts[::2]]  # π* is not emphasis (outside code only)
+    return "`".join(parts)
 
 
 def rows(cls: type, prefix: str = "", preset: dict[str, Any] | None = None) -> list[str]:
