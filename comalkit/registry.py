@@ -166,7 +166,8 @@ class Registry:
         An entry point may name a module or package (importing it runs its ``@plugin``
         decorators; a package's submodules are imported too) or a callable that takes the
         registry. comalkit's own entry points load first, so a third-party package cannot
-        take a built-in name. A package that fails to load (an import error, an exception in
+        take a built-in name; if they fail, that is a bug in comalkit and raises ``ImportError``.
+        Any other package that fails to load (an import error, an exception in
         its callable, or a name another package already registered) contributes nothing: its
         partial registrations are rolled back, one :class:`PluginLoadWarning` names its
         distribution, entry point and error, and :attr:`failed_entry_points` keeps the message.
@@ -184,13 +185,13 @@ class Registry:
                 elif callable(obj):
                     obj(self)
             except Exception as exc:  # any error inside a third-party package: report it, keep the rest
+                where = f"plugin package '{_distribution(ep)}' (entry point '{ep.name} = {ep.value}')"
+                if _distribution(ep) == "comalkit":  # the built-ins failing is a bug in comalkit itself
+                    raise ImportError(f"comalkit: {where} failed to load: {exc}") from exc
                 for group, options in saved.items():  # in place: a half-loaded package leaves nothing
                     self._plugins[group] = options
                 self._extra_targets.intersection_update(saved_targets)
-                message = (
-                    f"comalkit: plugin package '{_distribution(ep)}' (entry point '{ep.name} = {ep.value}') "
-                    f"failed to load and is skipped: {type(exc).__name__}: {exc}"
-                )
+                message = f"comalkit: {where} failed to load and is skipped: {type(exc).__name__}: {exc}"
                 self.failed_entry_points[ep.value] = message
                 warnings.warn(message, PluginLoadWarning, stacklevel=2)
                 continue
@@ -348,12 +349,9 @@ def validate_dataclass(prefix: str, cls: type, node: DictConfig, strict: bool = 
 
 def current_choices() -> dict[str, str]:
     """The option chosen for each config group in the running Hydra job ({} outside one)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig
 
-        return dict(HydraConfig.get().runtime.choices)
-    except Exception:
-        return {}
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
 def current_choice(group: str) -> str:
