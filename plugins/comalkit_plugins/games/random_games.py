@@ -1,4 +1,4 @@
-"""Seeded random preference games ``M = σ(A)`` with ``A`` skew-symmetric, in three families."""
+"""Seeded random preference games: ``M = σ(A)`` with ``A`` skew-symmetric, or an interior Nash policy by construction."""
 
 from __future__ import annotations
 
@@ -37,12 +37,34 @@ def skew_logits(family: str, count: int, n: int, scale: float, rng: np.random.Ge
     return scores[:, :, None] - scores[:, None, :]
 
 
+def interior_games(count: int, n: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Games ``M = ½ + S`` whose Nash policy is a random interior π* (``[count, n, n]``).
+
+    π* ~ Dirichlet(2, …, 2); ``S = Qᵀ A Q`` with ``A`` skew-symmetric Gaussian (std ``scale``)
+    and ``Q = I − π* 1ᵀ``, so ``S`` is skew-symmetric with ``S π* = 0``: every response wins
+    exactly ½ against π*, which is therefore a Nash policy with full support (generically the
+    only one). ``S`` is shrunk when needed so that every entry of M lies in [0, 1].
+    """
+    games = np.empty((count, n, n))
+    for g in range(count):
+        pi = rng.dirichlet(np.full(n, 2.0))
+        upper = np.triu(rng.normal(0.0, scale, size=(n, n)), 1)
+        q = np.eye(n) - np.outer(pi, np.ones(n))
+        s = q.T @ (upper - upper.T) @ q
+        games[g] = 0.5 + s * min(1.0, 0.5 / max(np.abs(s).max(), 1e-300))
+    return games
+
+
 @plugin("game", "random")
 @dataclass
 class RandomGame(MatrixGame):
     """``count`` seeded games of ``size`` responses each, run as one batch; start uniform."""
 
-    family: str = param("gaussian", choices=("gaussian", "cyclic", "transitive"), help="how A is drawn")
+    family: str = param(
+        "gaussian",
+        choices=("gaussian", "cyclic", "transitive", "interior"),
+        help="how the game is drawn (interior: a full-support Nash policy by construction)",
+    )
     size: int = param(5, ge=2, help="number of responses n")
     count: int = param(1, ge=1, help="number of games in the batch")
     scale: float = param(1.0, gt=0.0, help="spread of the logits A (larger: more decisive preferences)")
@@ -50,7 +72,10 @@ class RandomGame(MatrixGame):
 
     def generate(self) -> GameBatch:
         rng = np.random.default_rng(self.seed)
-        logits = skew_logits(self.family, self.count, self.size, self.scale, rng)
-        matrices = check_matrix(1.0 / (1.0 + np.exp(-logits)), source=f"random {self.family} game")
+        if self.family == "interior":
+            raw = interior_games(self.count, self.size, self.scale, rng)
+        else:
+            raw = 1.0 / (1.0 + np.exp(-skew_logits(self.family, self.count, self.size, self.scale, rng)))
+        matrices = check_matrix(raw, source=f"random {self.family} game")
         source = f"random {self.family} n={self.size} seed={self.seed}"
         return GameBatch(matrices, uniform(self.count, self.size), source=source)
