@@ -49,6 +49,41 @@ def test_the_issue_command_reaches_the_nash_policy(tmp_path):
     assert rows[0]["gap"] == pytest.approx(0.28, abs=1e-12)
     assert rows[-1]["round"] == summary["rounds"] == summary["iterations"] // 10
     assert is_png(out / "gap.png") and is_png(out / "simplex.png")
+    # it ran until the gap fell below the tolerance, at a convergence check, far below the cap
+    assert summary["converged"] is True and summary["gap"] < summary["tol"] == 1e-8
+    assert summary["iterations"] % 100 == 0 and summary["iterations"] < summary["iteration_cap"]
+    assert summary["expected_to_converge"] is True and "COMAL" in summary["expected_to_converge_reason"]
+
+
+def test_a_users_5x5_game_runs_until_it_converges(tmp_path):
+    """The issue's case: ``game.matrix=file.json`` with a 5×5 game of interior Nash policy ends
+    below the tolerance (it used to stop at the default 2,000 iterations with gap ~1e-3)."""
+    from comalkit_plugins.games.random_games import RandomGame
+
+    matrix = RandomGame(family="interior", size=5, seed=0).build().matrices[0]  # gap 5e-3 at 2,000
+    path = tmp_path / "game.json"
+    path.write_text(json.dumps(matrix.tolist()))
+    summary = run_job(["experiment=synthetic", f"game.matrix={path}", "task.plots=false"], tmp_path / "run")
+    assert summary["converged"] is True and summary["gap"] < 1e-8 and summary["iterations"] > 2000
+    assert min(summary["nash_policy"]) > 0.01  # interior
+    np.testing.assert_allclose(summary["final_policy"], nash_policy(matrix), atol=1e-6)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["step"] == summary["iterations"] and rows[-1]["gap"] == summary["gap"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["solver=iter_ipo"], "cycle"),
+        (["reference=fixed"], "regularised equilibrium"),
+        (["reference.period=1"], "Iter-IPO"),
+    ],
+)
+def test_a_method_not_expected_to_converge_runs_to_the_cap_and_says_so(tmp_path, overrides, reason):
+    summary = run_job(["experiment=synthetic", *overrides, "task.plots=false"], tmp_path)
+    assert summary["expected_to_converge"] is False and reason in summary["expected_to_converge_reason"]
+    assert summary["converged"] is False and summary["gap"] > 1e-3
+    assert summary["iterations"] == summary["iteration_cap"] == 10_000
 
 
 @pytest.mark.parametrize("fmt", ["csv", "npy", "json", "inline"])
