@@ -27,7 +27,7 @@ from comalkit.games import (
     regularized_equilibrium,
     run_dynamics,
 )
-from comalkit.registry import instantiate
+from comalkit.registry import ConfigError, instantiate
 from comalkit.testing import compose
 
 PAPER3 = [[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]]
@@ -310,3 +310,76 @@ def test_comal_last_iterate_converges_and_kl_never_increases(game):
     kl = kl_divergence(traj.nash, traj.round_policies.log())  # [rounds, games]
     assert len(kl) == iterations // 10
     assert (kl[1:] - kl[:-1]).max() <= 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping, recording and the numpy path
+# ---------------------------------------------------------------------------------------------
+def test_the_run_stops_at_the_first_check_below_the_tolerance():
+    solver, reference = build("inpo", "prox")
+    traj = run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], solver, reference, 10**6, tol=1e-8, check_every=50)
+    assert traj.converged and traj.iterations % 50 == 0 and traj.steps[-1] == traj.iterations
+    assert traj.final["gap"].item() < 1e-8
+    again = run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], *build("inpo", "prox"), traj.iterations - 50)
+    assert again.final["gap"].item() >= 1e-8  # the check before did not pass yet
+
+
+def test_a_diverging_run_stops_at_the_next_check():
+    class Exploding:
+        def population_update(self, last_logp, ref_logp, win_rate):
+            return last_logp * float("nan")
+
+    _, reference = build("inpo", "fixed")
+    with pytest.raises(FloatingPointError, match="non-finite by iteration 1"):
+        run_dynamics(
+            np.array(PAPER3), [0.2, 0.5, 0.3], Exploding(), reference, 10**9, tol=1e-8, check_every=10
+        )
+
+
+def test_automatic_recording_is_dense_early_and_sparser_each_decade():
+    traj = run_dynamics(
+        np.array(PAPER3), [0.2, 0.5, 0.3], *build("iter_ipo", "fixed"), 25_000, record_every=0
+    )
+    expected = [*range(0, 1001), *range(1010, 10_001, 10), *range(10_100, 25_001, 100)]
+    assert traj.steps.tolist() == expected and traj.iterations == 25_000 and traj.converged is None
+
+
+@pytest.mark.parametrize(
+    ("solver", "reference"),
+    [("inpo", "prox"), ("inpo", "ema"), ("nash_md", "prox"), ("extragradient", "fixed")],
+)
+@pytest.mark.parametrize("count", [1, 3])
+def test_the_numpy_path_equals_the_torch_path(solver, reference, count):
+    rng = np.random.default_rng(11)
+    upper = np.triu(rng.normal(0, 1, size=(count, 5, 5)), 1)
+    games = check_matrix(1 / (1 + np.exp(-(upper - np.swapaxes(upper, 1, 2)))))
+    starts = rng.dirichlet(np.ones(5), size=count)
+    runs = {
+        backend: run_dynamics(games, starts, *build(solver, reference), 300, record_every=7, backend=backend)
+        for backend in ("numpy", "torch")
+    }
+    fast, slow = runs["numpy"], runs["torch"]
+    assert (fast.backend, slow.backend) == ("numpy", "torch")
+    assert fast.round_ends == slow.round_ends and fast.steps.tolist() == slow.steps.tolist()
+    torch.testing.assert_close(fast.final_logp, slow.final_logp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast.policies, slow.policies, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast.round_policies, slow.round_policies, rtol=0, atol=1e-12)
+    for key in fast.metrics:
+        torch.testing.assert_close(fast.metrics[key], slow.metrics[key], rtol=0, atol=1e-11)
+
+
+def test_backend_choice():
+    solver, reference = build("inpo", "prox")
+    assert (
+        run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], solver, reference, 5, device="cpu").backend == "numpy"
+    )
+    big = np.tile(np.array(PAPER3), (1000, 1, 1))  # 9,000 matrix entries: torch
+    assert run_dynamics(big, [0.2, 0.5, 0.3], solver, reference, 5, device="cpu").backend == "torch"
+    sppo, _ = build("sppo", "fixed")  # its Lambert-W update is torch-only
+    assert (
+        run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], sppo, reference, 5, device="cpu").backend == "torch"
+    )
+    with pytest.raises(ConfigError, match=r"backend=numpy: solver SPPO cannot run on numpy"):
+        run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], sppo, reference, 5, backend="numpy")
+    with pytest.raises(ConfigError, match=r"backend='jax': expected one of auto, numpy, torch"):
+        run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], solver, reference, 5, backend="jax")
