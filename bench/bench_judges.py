@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +33,28 @@ def rows_of(half: str) -> list[dict[str, Any]]:
     return load_check_set(half)
 
 
-def judge_features(judge: str, rows: list[dict[str, Any]], prompted: bool) -> dict[str, list[float]]:
-    """Per-row scores of the good and the bad answer under one judge model, for every scorer."""
+MODEL_SCORES = ("likelihood", "unconditioned", "yes_no", "guided")
+
+
+def judge_features(
+    judge: str, rows: list[dict[str, Any]], scores: list[str], prompted: bool
+) -> dict[str, list[float]]:
+    """Per-row scores of the good and the bad answer under one judge model, for each of ``scores``."""
     from comalkit_plugins.oracles.judge_lm import JudgeModel
-    from comalkit_plugins.oracles.llm_judge import DEFAULT_QUESTION, LlmJudge
+    from comalkit_plugins.oracles.llm_judge import DEFAULT_GUIDE, DEFAULT_QUESTION, LlmJudge
 
     model = JudgeModel.shared(judge)
+    read = {
+        "likelihood": lambda r, pair: model.response_scores(r["prompt"], pair)[0],
+        "unconditioned": lambda r, pair: model.response_scores("", pair)[0],
+        "yes_no": lambda r, pair: model.yes_no_scores(r["prompt"], pair, DEFAULT_QUESTION)[0],
+        "guided": lambda r, pair: model.response_scores(r["prompt"], pair, DEFAULT_GUIDE)[0],
+    }
     out: dict[str, list[float]] = {}
     for r in rows:
         pair = [r["good"], r["bad"]]
-        cond, _ = model.response_scores(r["prompt"], pair)
-        uncond, _ = model.response_scores("", pair)
-        yes_no, _ = model.yes_no_scores(r["prompt"], pair, DEFAULT_QUESTION)
-        for name, t in (("likelihood", cond), ("unconditioned", uncond), ("yes_no", yes_no)):
+        for name in scores:
+            t = read[name](r, pair)
             out.setdefault(f"{name}_good", []).append(float(t[0]))
             out.setdefault(f"{name}_bad", []).append(float(t[1]))
     if prompted:
@@ -60,11 +67,17 @@ def judge_features(judge: str, rows: list[dict[str, Any]], prompted: bool) -> di
     return out
 
 
-def margins(feats: dict[str, Any], judge: str, score: str) -> torch.Tensor:
-    """s(good) − s(bad) per row for one (judge, score); pmi = likelihood − unconditioned."""
-    f = feats[judge]
+def margins(feats: dict[str, Any], half: str, judge: str, score: str) -> torch.Tensor:
+    """s(good) − s(bad) per row of ``half`` for one (judge, score); pmi = likelihood − unconditioned;
+    ``repetition`` reads no model (judge ``text``)."""
+    if score == "repetition":
+        from comalkit_plugins.oracles.llm_judge import repetition_score
+
+        values = [repetition_score(r["good"]) - repetition_score(r["bad"]) for r in rows_of(half)]
+        return torch.tensor(values, dtype=torch.float64)
     if score == "pmi":
-        return margins(feats, judge, "likelihood") - margins(feats, judge, "unconditioned")
+        return margins(feats, half, judge, "likelihood") - margins(feats, half, judge, "unconditioned")
+    f = feats[half][judge]
     return torch.tensor(f[f"{score}_good"], dtype=torch.float64) - torch.tensor(
         f[f"{score}_bad"], dtype=torch.float64
     )
@@ -101,62 +114,87 @@ def report(p_first: torch.Tensor, p_second: torch.Tensor) -> dict[str, float]:
     }
 
 
-Variant = tuple[str, Callable[[dict[str, Any]], torch.Tensor]]
+S, G, TEXT = "smollm2", "gemma3-270m", "text"
+LU = ("likelihood", "unconditioned")
 
 
 def linear_variants() -> list[tuple[str, list[tuple[str, str]]]]:
     """(name, [(judge, score), ...]): Bradley–Terry on a weighted sum of score margins."""
-    out = []
-    for judge in JUDGES:
-        for score in ("likelihood", "pmi", "yes_no"):
-            out.append((f"{judge} {score}", [(judge, score)]))
+    out = [(f"{j} {s}", [(j, s)]) for j in (S, G) for s in ("likelihood", "pmi", "yes_no")]
     out += [
-        ("smollm2 + gemma likelihood", [(j, "likelihood") for j in JUDGES]),
-        ("smollm2 + gemma pmi", [(j, "pmi") for j in JUDGES]),
-        ("smollm2 likelihood + unconditioned", [("smollm2", "likelihood"), ("smollm2", "unconditioned")]),
+        ("repetition (text statistic)", [(TEXT, "repetition")]),
+        ("smollm2 + gemma likelihood", [(S, "likelihood"), (G, "likelihood")]),
+        ("smollm2 likelihood + guided", [(S, "likelihood"), (S, "guided")]),
         (
-            "gemma likelihood + unconditioned",
-            [("gemma3-270m", "likelihood"), ("gemma3-270m", "unconditioned")],
+            "smollm2 likelihood + guided + unconditioned + repetition",
+            [(S, s) for s in (*LU, "guided")] + [(TEXT, "repetition")],
         ),
         (
-            "smollm2 + gemma, likelihood + unconditioned",
-            [(j, s) for j in JUDGES for s in ("likelihood", "unconditioned")],
+            "gemma likelihood + guided + unconditioned + repetition",
+            [(G, s) for s in (*LU, "guided")] + [(TEXT, "repetition")],
         ),
+        (
+            "smollm2 + gemma, likelihood + guided + unconditioned + repetition",
+            [(j, s) for j in (S, G) for s in (*LU, "guided")] + [(TEXT, "repetition")],
+        ),
+        ("smollm2 + gemma pmi", [(S, "pmi"), (G, "pmi")]),
+        ("smollm2 likelihood + unconditioned", [(S, s) for s in LU]),
+        ("gemma likelihood + unconditioned", [(G, s) for s in LU]),
+        ("smollm2 + gemma, likelihood + unconditioned", [(j, s) for j in (S, G) for s in LU]),
         (
             "smollm2 + gemma, likelihood + unconditioned + yes_no",
-            [(j, s) for j in JUDGES for s in ("likelihood", "unconditioned", "yes_no")],
+            [(j, s) for j in (S, G) for s in (*LU, "yes_no")],
+        ),
+        ("smollm2 likelihood + repetition", [(S, "likelihood"), (TEXT, "repetition")]),
+        ("smollm2 likelihood + unconditioned + repetition", [(S, s) for s in LU] + [(TEXT, "repetition")]),
+        ("gemma likelihood + repetition", [(G, "likelihood"), (TEXT, "repetition")]),
+        ("gemma likelihood + unconditioned + repetition", [(G, s) for s in LU] + [(TEXT, "repetition")]),
+        (
+            "smollm2 + gemma likelihood + repetition",
+            [(S, "likelihood"), (G, "likelihood"), (TEXT, "repetition")],
         ),
         (
-            "gemma likelihood + unconditioned + yes_no",
-            [("gemma3-270m", s) for s in ("likelihood", "unconditioned", "yes_no")],
+            "smollm2 + gemma, likelihood + unconditioned + repetition",
+            [(j, s) for j in (S, G) for s in LU] + [(TEXT, "repetition")],
+        ),
+        (
+            "smollm2 + gemma, likelihood + unconditioned + yes_no + repetition",
+            [(j, s) for j in (S, G) for s in (*LU, "yes_no")] + [(TEXT, "repetition")],
         ),
     ]
     return out
 
 
+def available(feats: dict[str, Any], parts: list[tuple[str, str]]) -> bool:
+    tune = feats["checks_tune"]
+    need = {"pmi": "unconditioned"}
+    return all(j == TEXT or f"{need.get(s, s)}_good" in tune.get(j, {}) for j, s in parts)
+
+
 def analyse(feats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every variant untuned (T = 1, weights 1) and fitted on the tuning half, reported on both."""
     results = []
     for name, parts in linear_variants():
-        if any(j not in feats["checks_tune"] for j, _ in parts):
+        if not available(feats, parts):
             continue
-        x = {h: torch.stack([margins(feats[h], j, s) for j, s in parts], dim=1) for h in HALVES}
-        raw = x["checks_tune"].sum(1, keepdim=True) if len(parts) > 1 else x["checks_tune"]
-        untuned_w = torch.ones(len(parts), dtype=torch.float64)  # T = 1, equal weights
-        tuned_w = fit_weights(x["checks_tune"])
-        del raw
-        for label, w in (("T = 1" if len(parts) == 1 else "sum, T = 1", untuned_w), ("fitted", tuned_w)):
+        x = {h: torch.stack([margins(feats, h, j, s) for j, s in parts], dim=1) for h in HALVES}
+        untuned = torch.ones(len(parts), dtype=torch.float64)
+        for label, w in (
+            ("T = 1" if len(parts) == 1 else "sum, T = 1", untuned),
+            ("fitted", fit_weights(x["checks_tune"])),
+        ):
             row: dict[str, Any] = {
                 "variant": name,
                 "scale": label,
+                "parts": parts,
                 "weights": [round(float(v), 3) for v in w],
             }
             for h in HALVES:
                 p = torch.sigmoid(x[h] @ w)
                 row[h] = report(p, p)
             results.append(row)
-    for judge in JUDGES:
-        f = feats["checks_tune"].get(judge, {})
-        if "prompted_first" not in f:
+    for judge in (S, G):
+        if "prompted_first" not in feats["checks_tune"].get(judge, {}):
             continue
         row = {"variant": f"{judge} prompted (pairwise template)", "scale": "swap-averaged", "weights": []}
         for h in HALVES:
@@ -169,40 +207,58 @@ def analyse(feats: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def per_kind(
-    feats: dict[str, Any], parts: list[tuple[str, str]], w: torch.Tensor, half: str
+    feats: dict[str, Any], parts: list[tuple[str, str]], w: list[float], half: str
 ) -> dict[str, str]:
+    """Right/total per kind of ``half`` for one fitted variant."""
     from collections import Counter
 
     rows = rows_of(half)
-    x = torch.stack([margins(feats[half], j, s) for j, s in parts], dim=1)
-    right = (x @ w) > 0
+    x = torch.stack([margins(feats, half, j, s) for j, s in parts], dim=1)
+    right = (x @ torch.tensor(w, dtype=torch.float64)) > 0
     total, ok = Counter(r["kind"] for r in rows), Counter(r["kind"] for r, g in zip(rows, right) if g)
     return {k: f"{ok[k]}/{total[k]}" for k in sorted(total)}
 
 
+def merge(files: list[Path]) -> dict[str, Any]:
+    feats: dict[str, Any] = {h: {} for h in HALVES}
+    for file in files:
+        for h, judges in json.loads(file.read_text()).items():
+            for judge, values in judges.items():
+                feats[h].setdefault(judge, {}).update(values)
+    return feats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--features", type=Path, required=True, help="JSON file of per-response scores")
+    parser.add_argument(
+        "--features", type=Path, nargs="+", required=True, help="JSON files of per-response scores"
+    )
     parser.add_argument("--reuse", action="store_true", help="read --features instead of computing them")
     parser.add_argument("--prompted", action="store_true", help="also the prompted pairwise judge (slow)")
-    parser.add_argument("--judges", nargs="+", default=list(JUDGES))
+    parser.add_argument("--judges", nargs="+", default=[S, G])
+    parser.add_argument("--scores", nargs="+", default=list(MODEL_SCORES), choices=MODEL_SCORES)
+    parser.add_argument(
+        "--per-kind", help="also print the tuning half's per-kind score of this fitted variant"
+    )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.reuse:
-        feats = json.loads(args.features.read_text())
+        feats = merge(args.features)
     else:
         feats = {h: {} for h in HALVES}
         for judge in args.judges:
             start = time.perf_counter()
             for h in HALVES:
-                feats[h][judge] = judge_features(judge, rows_of(h), args.prompted)
+                feats[h][judge] = judge_features(judge, rows_of(h), args.scores, args.prompted)
             print(f"{judge}: features in {time.perf_counter() - start:.0f} s", flush=True)
-            args.features.write_text(json.dumps(feats))
+            args.features[0].write_text(json.dumps(feats))
     results = analyse(feats)
     print(
-        "| variant | scale | weights | tune: acc | tune: log-loss | tune: within 0.1 of ½ | held-out: first | second | both | log-loss | within 0.1 of ½ |"
+        "| variant | scale | weights | tune: both orders | tune: log-loss | tune: within 0.1 of ½ "
+        "| held-out: first | second | both | log-loss | within 0.1 of ½ |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -212,9 +268,10 @@ def main() -> None:
             f"| {t['near_half']:.2f} | {h['first']:.3f} | {h['second']:.3f} | {h['both']:.3f} "
             f"| {h['log_loss']:.3f} | {h['near_half']:.2f} |"
         )
-    print(json.dumps(results))
-    if not math.isnan(0.0):
-        pass
+        if r["variant"] == args.per_kind and r["scale"] == "fitted":
+            print(f"|   per kind, tuning half: {per_kind(feats, r['parts'], r['weights'], 'checks_tune')} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

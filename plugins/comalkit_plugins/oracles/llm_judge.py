@@ -52,8 +52,16 @@ DEFAULT_QUESTION = (
 
 #: What a scorer reads from a judge model for each response y to a prompt x (per token, nats):
 #: ``likelihood`` log p(y | x), ``unconditioned`` log p(y | empty request), ``pmi`` their
-#: difference, ``yes_no`` log P(yes) − log P(no) after the pointwise question.
-SCORES = ("likelihood", "unconditioned", "pmi", "yes_no")
+#: difference, ``yes_no`` log P(yes) − log P(no) after the pointwise question; ``repetition``
+#: reads no model: :func:`repetition_score` of the text; ``guided`` is log p(y | x) with the
+#: guiding system prompt ``oracle.guide`` (against ``likelihood``, how much the guide raises y).
+SCORES = ("likelihood", "unconditioned", "pmi", "yes_no", "repetition", "guided")
+
+#: The system prompt of ``score: guided``.
+DEFAULT_GUIDE = (
+    "You are a helpful, honest and harmless assistant. You answer correctly, completely and "
+    "politely, in the user's language, and you refuse requests that would harm someone."
+)
 
 #: The default judge: r(y) = Σ_k w_k s_k(y), weights fitted by log-loss on data/checks_tune.jsonl
 #: (bench/bench_judges.py, docs/oracles.md). Filled from the measurements.
@@ -63,6 +71,17 @@ DEFAULT_SCORERS: list[dict[str, Any]] = [
 
 #: σ(Δs / T) of a single built-in scorer, T fitted by log-loss on data/checks_tune.jsonl.
 CALIBRATED_TEMPERATURE: dict[tuple[str, str], float] = {}
+
+
+def repetition_score(text: str) -> float:
+    """log(distinct word bigrams / word bigrams): 0 without repeats, very negative for loops.
+
+    Likelihood judges favour repetition (repeated text is predictable, docs/oracles.md);
+    this text statistic is the counterweight.
+    """
+    words = text.lower().split()
+    bigrams = list(zip(words, words[1:]))
+    return math.log(len(set(bigrams)) / len(bigrams)) if bigrams else 0.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +101,9 @@ def parse_scorers(specs: Sequence[Any]) -> list[Scorer]:
                 f"{where}={spec!r}: expected {{judge: <model>, score: <{'|'.join(SCORES)}>, weight: <w>}}"
             )
         judge, score, weight = spec.get("judge"), spec.get("score", "likelihood"), spec.get("weight", 1.0)
-        if not isinstance(judge, str) or not judge:
+        if score == "repetition" and judge is None:
+            judge = ""  # a text statistic: no model
+        elif not isinstance(judge, str) or not judge:
             raise ConfigError(f"{where}.judge={judge!r}: expected a judge model name or path")
         if score not in SCORES:
             raise ConfigError(f"{where}.score={score!r}: expected one of {list(SCORES)}")
@@ -117,6 +138,7 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
         "the fitted T of a built-in judge's score; else 1)",
     )
     question: str = param(DEFAULT_QUESTION, help="score yes_no: the question asked about each response")
+    guide: str = param(DEFAULT_GUIDE, help="score guided: the judge's system prompt")
     template: str = param("pairwise", help="prompted: template name or file with {prompt}, {a}, {b}")
     labels: list[str] = param(default_factory=lambda: ["A", "B"], help="prompted: the two answer labels")
 
@@ -146,7 +168,7 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
     @property
     def judge_names(self) -> list[str]:
         """The judge models this oracle reads, in order, each once."""
-        return list(dict.fromkeys(s.judge for s in self._scorers))
+        return list(dict.fromkeys(s.judge for s in self._scorers if s.judge))
 
     def judge_model(self, judge: str | None = None) -> JudgeModel:
         """The loaded model of ``judge`` (default: the first one), shared in the process."""
@@ -157,19 +179,21 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
 
     def identity(self) -> str:
         scorers = [
-            {"judge": judge_fingerprint(s.judge), "score": s.score, "weight": s.weight} for s in self._scorers
+            {"judge": judge_fingerprint(s.judge) if s.judge else None, "score": s.score, "weight": s.weight}
+            for s in self._scorers
         ]
         skip = ("batch_size", "judge", "scorers", "score", "temperature")
         if self.prompt_template is None:
-            uses_question = any(s.score == "yes_no" for s in self._scorers)
-            skip += ("template", "labels") + (() if uses_question else ("question",))
+            used = {s.score for s in self._scorers}
+            skip += ("template", "labels") + (() if "yes_no" in used else ("question",))
+            skip += () if "guided" in used else ("guide",)
             return settings_identity(
                 "llm_judge", self, exclude=skip, scorers=scorers, temperature=self.resolved_temperature
             )
         return settings_identity(
             "llm_judge",
             self,
-            exclude=(*skip, "question"),
+            exclude=(*skip, "question", "guide"),
             judge=scorers[0]["judge"],
             template=self.prompt_template.digest,
         )
@@ -189,6 +213,8 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
                 )
                 if score == "yes_no":
                     values, cut = model.yes_no_scores(prompt, responses, self.question, *settings)
+                elif score == "guided":
+                    values, cut = model.response_scores(prompt, responses, self.guide, *settings[1:])
                 else:
                     values, cut = model.response_scores(
                         prompt if score == "likelihood" else "", responses, *settings
@@ -199,7 +225,9 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
 
         total = torch.zeros(len(responses), dtype=torch.float64)
         for s in self._scorers:
-            if s.score == "pmi":
+            if s.score == "repetition":
+                value = torch.tensor([repetition_score(r) for r in responses], dtype=torch.float64)
+            elif s.score == "pmi":
                 value = read(s.judge, "likelihood") - read(s.judge, "unconditioned")
             else:
                 value = read(s.judge, s.score)
