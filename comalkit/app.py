@@ -42,7 +42,7 @@ from comalkit.outputs import (
     unlock_run_dir,
     write_json,
 )
-from comalkit.registry import ConfigError, instantiate, validate
+from comalkit.registry import ConfigError, instantiate, registry, validate
 
 log = logging.getLogger("comalkit")
 #: conf/ at the repository root (the project is installed editable, see the Makefile)
@@ -368,6 +368,7 @@ class Preflight(Callback):
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
+    registry.load_entry_points()  # a launcher's worker process (joblib, submitit) starts without them
     global JOB_STARTED
     JOB_STARTED = True
     try:
