@@ -28,18 +28,18 @@ class Curve:
     y: np.ndarray
 
 
-def _figure(width: float = 6.4, height: float = 4.2):  # -> matplotlib.figure.Figure
+def _figure(width: float = 6.4, height: float = 4.2, layout: str | None = "constrained"):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(width, height), layout=layout)
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, dpi: int = 150) -> Path:
     from comalkit.outputs import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=150)
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     return path
 
 
@@ -91,26 +91,33 @@ def plot_progress(rows: Sequence[dict], path: str | Path) -> Path:
     """A 2×2 overview of an online run, one point per iteration (rows as in ``metrics.jsonl``).
 
     Rewritten after every iteration, so a long run can be watched as a picture; metrics a run
-    does not produce (win rates with ``task.eval_prompts=0``) leave their panel empty.
+    does not produce (win rates with ``task.eval_prompts=0``) leave their panel empty. A dotted
+    vertical line marks each move of the reference μ (rows with ``reference_moved``), i.e. the
+    end of a COMAL round. The layout is fixed rather than computed, which keeps a redraw cheap.
     """
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(9.0, 6.0)
+    fig = _figure(9.0, 6.0, layout=None)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.09, top=0.93, wspace=0.22, hspace=0.42)
     x = [row.get("iteration", i) + 1 for i, row in enumerate(rows)]
+    moves = [xi + 0.5 for xi, row in zip(x, rows) if row.get("reference_moved")]
     for i, (title, keys) in enumerate(PROGRESS_PANELS):
         ax = fig.add_subplot(2, 2, i + 1)
         for key in keys:
             points = [(xi, row[key]) for xi, row in zip(x, rows) if isinstance(row.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), marker="o", label=key)
+        for n, move in enumerate(moves):
+            ax.axvline(move, color="tab:purple", linestyle=":", linewidth=1.2, label="μ ← π" if n == 0 else None)
         if keys[0].startswith("win_rate"):
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        if keys[0].startswith("win_rate") or (i == 1 and moves):
             ax.legend(fontsize="small")
         ax.set_title(title, fontsize="medium")
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return _save(fig, path, dpi=100)
 
 
 def _barycentric(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

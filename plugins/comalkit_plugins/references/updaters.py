@@ -27,11 +27,14 @@ class FixedReference(ReferenceUpdater):
 class ProxReference(ReferenceUpdater):
     """COMAL's prox-point step: μ ← π after every subgame of ``period`` iterations.
 
-    ``strengths`` optionally schedules the KL strength per outer round (the last value
-    repeats), e.g. ``[0.002, 0.1]`` as in the paper's Llama runs.
+    Each round solves one KL-regularised subgame around a fixed μ with ``period`` solver
+    iterations (Liu et al. 2025, COMAL, Algorithm 1); the default 2 gives the default online
+    run two rounds of two iterations (docs/online.md). ``period=1`` moves μ after every
+    iteration, which with INPO is Iter-IPO. ``strengths`` optionally schedules the KL strength
+    per outer round (the last value repeats), e.g. ``[0.002, 0.1]`` as in the paper's Llama runs.
     """
 
-    period: int = param(1, ge=1, help="iterations per subgame (outer round)")
+    period: int = param(2, ge=1, help="iterations per subgame (outer round); 1 with INPO is Iter-IPO")
     strengths: list[float] = param(
         default_factory=list, help="per-round KL strength schedule; empty: the solver's own"
     )

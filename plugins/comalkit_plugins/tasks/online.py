@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 from comalkit.interfaces import RunContext, Task
 from comalkit.registry import ConfigError, current_choice, instantiate, param, plugin
 
+from ..solvers.inpo import warn_if_iterated_ipo
+
 log = logging.getLogger("comalkit")
 
 
@@ -19,15 +21,15 @@ log = logging.getLogger("comalkit")
 class OnlineTask(Task):
     """Online iterations: sample from the policy, judge, build pairs, fit the solver, move the reference.
 
-    COMAL is ``solver=inpo reference=prox`` (the default); iterated IPO is ``solver=iter_ipo
-    reference=prox reference.period=1``; INPO is ``reference=fixed``. The run resumes from its
-    directory when rerun (see comalkit/loop.py).
+    COMAL is ``solver=inpo reference=prox`` (the default: 2 rounds of 2 iterations); iterated IPO
+    is ``solver=iter_ipo`` (or INPO with ``reference.period=1``, which warns); INPO is
+    ``reference=fixed``. The run resumes from its directory when rerun (see comalkit/loop.py).
     """
 
     resumable = True
 
     iterations: int = param(
-        3, ge=1, help="inner iterations in total (rounds = iterations / reference.period)"
+        4, ge=1, help="inner iterations in total (rounds = iterations / reference.period)"
     )
     samples_per_prompt: int = param(4, ge=2, help="responses sampled per prompt (the paper: 5)")
     temperature: float = param(0.8, gt=0.0, help="sampling temperature (the paper: 0.8)")
@@ -38,43 +40,47 @@ class OnlineTask(Task):
     eval_prompts: int = param(8, ge=0, help="held-out prompts for per-iteration win rates (0: skip)")
 
     def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
-        from comalkit.evaluate import win_rate
         from comalkit.loop import LoopSettings, MetaLoop
         from comalkit.oracle_cache import CachedOracle
         from comalkit.pairing import check_compatible
-        from comalkit.training import fit, precompute_logps, trainer_config
+        from comalkit.training import trainer_config
 
         solver = instantiate(cfg.solver)
         if not solver.language_model:
-            raise ConfigError(f"solver={current_choice('solver')} runs on exact games only (experiment=synthetic); "
-                              "choose a language-model solver such as dpo, ipo, sppo, inpo or mpo")  # fmt: skip
+            raise ConfigError(
+                f"solver={current_choice('solver')} runs on exact games only (experiment=synthetic); "
+                "choose a language-model solver such as dpo, ipo, sppo, inpo or mpo"
+            )
         pair_builder = instantiate(cfg.pairs)
         check_compatible(solver, pair_builder)
         prompts = instantiate(cfg.data)  # validates the prompt file and split sizes eagerly
         reference_updater = instantiate(cfg.reference)
+        warn_if_iterated_ipo(solver, reference_updater)
+        trainer = trainer_config(cfg.trainer)
         oracle = CachedOracle(instantiate(cfg.oracle), run.out_dir / "oracle_cache.sqlite")
         policy = instantiate(cfg.model).build()
         settings = LoopSettings(
-            iterations=self.iterations, samples_per_prompt=self.samples_per_prompt, temperature=self.temperature,
-            top_p=self.top_p, max_new_tokens=self.max_new_tokens, sample_batch_size=self.sample_batch_size,
-            logp_batch_size=self.logp_batch_size, eval_prompts=self.eval_prompts, seed=int(cfg.seed),
-        )  # fmt: skip
-
-        trainer = trainer_config(cfg.trainer)
-
-        def fit_solver(
-            policy: Any, solver: Any, records: list[dict[str, Any]], out_dir: Any
-        ) -> dict[str, Any]:
-            return fit(policy, solver, records, trainer, out_dir)
-
-        def precompute(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-            return precompute_logps(*args, precision=trainer.precision, **kwargs)
-
+            iterations=self.iterations,
+            samples_per_prompt=self.samples_per_prompt,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            sample_batch_size=self.sample_batch_size,
+            logp_batch_size=self.logp_batch_size,
+            eval_prompts=self.eval_prompts,
+            seed=int(cfg.seed),
+        )
         loop = MetaLoop(
-            policy=policy, solver=solver, oracle=oracle, reference_updater=reference_updater, prompts=prompts,
-            pair_builder=pair_builder, settings=settings, fit=fit_solver, precompute=precompute,
-            win_rate=win_rate, run=run,
-        )  # fmt: skip
+            policy=policy,
+            solver=solver,
+            oracle=oracle,
+            reference_updater=reference_updater,
+            prompts=prompts,
+            pair_builder=pair_builder,
+            settings=settings,
+            trainer=trainer,
+            run=run,
+        )
         try:
             summary = loop.execute()
         finally:
