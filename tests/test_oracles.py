@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import sys
 import types
 from pathlib import Path
@@ -17,7 +18,14 @@ import torch
 from comalkit_plugins.oracles.base import bradley_terry
 from comalkit_plugins.oracles.checks import injection_flips, load_check_set, pair_accuracy
 from comalkit_plugins.oracles.judge_lm import JudgeModel, assemble_gemma
-from comalkit_plugins.oracles.llm_judge import DEFAULT_SCORERS, LlmJudge
+from comalkit_plugins.oracles.llm_judge import (
+    CALIBRATED_TEMPERATURE,
+    DEFAULT_GUIDE,
+    DEFAULT_QUESTION,
+    DEFAULT_SCORERS,
+    LlmJudge,
+    repetition_score,
+)
 from comalkit_plugins.oracles.mixture import MixtureOracle
 from comalkit_plugins.oracles.reward_model import RewardModelOracle
 from comalkit_plugins.oracles.rule import RuleOracle
@@ -527,3 +535,89 @@ def test_gemma_judge_if_installed() -> None:
 def test_judge_model_is_shared(tiny_dir: Path) -> None:
     a, b = LlmJudge(judge=str(tiny_dir)), RewardModelOracle(judge=str(tiny_dir))
     assert a.judge_model() is b.judge_model() is JudgeModel.shared(str(tiny_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorers of the likelihood judge
+# ---------------------------------------------------------------------------------------------
+def test_scorers_combine_linearly_into_the_bradley_terry_reward(tiny_dir: Path) -> None:
+    prompt, responses = "What is 2 + 2?", ["4", "2 + 2 is 4.", "", "four four four four"]
+    model = JudgeModel.shared(str(tiny_dir))
+    likelihood = model.response_scores(prompt, responses)[0]
+    unconditioned = model.response_scores("", responses)[0]
+    guided = model.response_scores(prompt, responses, DEFAULT_GUIDE)[0]
+    yes_no = model.yes_no_scores(prompt, responses, DEFAULT_QUESTION)[0]
+    repetition = torch.tensor([repetition_score(r) for r in responses], dtype=torch.float64)
+    scorers = [
+        {"judge": str(tiny_dir), "score": "likelihood", "weight": 2.0},
+        {"judge": str(tiny_dir), "score": "pmi", "weight": -0.5},
+        {"judge": str(tiny_dir), "score": "guided", "weight": 0.25},
+        {"judge": str(tiny_dir), "score": "yes_no", "weight": 0.1},
+        {"score": "repetition", "weight": 3.0},
+    ]
+    judge = LlmJudge(scorers=scorers)
+    expected = 2 * likelihood - 0.5 * (likelihood - unconditioned) + 0.25 * guided + 0.1 * yes_no
+    expected = expected + 3 * repetition
+    assert torch.allclose(judge.rewards(prompt, responses), expected, atol=1e-9)
+    m = judge.win_matrix(prompt, responses)
+    assert_valid_win_matrix(m)
+    assert m[0, 1].item() == pytest.approx(torch.sigmoid(expected[0] - expected[1]).item(), abs=1e-9)
+    assert judge.judge_names == [str(tiny_dir)]  # one model, loaded once; repetition reads none
+    assert judge.diagnostics()["shares_policy_base_model"] is False
+
+
+def test_yes_no_score_is_the_log_odds_of_yes(tiny_dir: Path) -> None:
+    model = JudgeModel.shared(str(tiny_dir))
+    scores, truncated = model.yes_no_scores("q", ["a", "b c"], "Good? Answer yes or no.")
+    user = "Request: q\n\nResponse: a\n\nGood? Answer yes or no."
+    yes, no = (set(model.word_token_ids(w)) for w in ("yes", "no"))
+    labels = [sorted(yes - no), sorted(no - yes)]
+    assert labels[0] and labels[1]
+    logp = model.next_token_logprobs([model.format_prompt(user)], labels)[0]
+    assert truncated == 0 and scores.shape == (2,)
+    assert scores[0].item() == pytest.approx((logp[0] - logp[1]).item(), abs=1e-9)
+
+
+def test_repetition_score() -> None:
+    assert repetition_score("") == repetition_score("word") == 0.0
+    assert repetition_score("The capital of France is Paris.") == 0.0
+    assert repetition_score("a b a b a b") == pytest.approx(math.log(2 / 5))
+    assert repetition_score("Ocean ocean OCEAN ocean") == pytest.approx(math.log(1 / 3))  # any case
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"scorers": []}, "oracle.scorers is empty"),
+        ({"scorers": [{"score": "likelihood"}]}, r"oracle.scorers\[0\].judge=None"),
+        ({"scorers": [{"judge": "smollm2", "score": "vibes"}]}, r"oracle.scorers\[0\].score='vibes'"),
+        ({"scorers": [{"judge": "smollm2", "weight": True}]}, r"oracle.scorers\[0\].weight=True"),
+        ({"scorers": [{"judge": "smollm2", "wieght": 1.0}]}, r"oracle.scorers\[0\]=.*expected \{judge"),
+        ({"scorers": ["smollm2"]}, r"oracle.scorers\[0\]='smollm2'"),
+        ({"judge": "smollm2", "scorers": [{"judge": "smollm2"}]}, "both set"),
+    ],
+)
+def test_bad_scorers_fail_before_any_model_loads(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LlmJudge(**settings)
+
+
+def test_one_judge_replaces_the_scorers_and_gets_its_calibrated_temperature(tiny_dir: Path) -> None:
+    single = LlmJudge(judge="smollm2")
+    assert single.judge_names == ["smollm2"] and single.diagnostics()["shares_policy_base_model"] is True
+    assert single.resolved_temperature == CALIBRATED_TEMPERATURE[("smollm2", "likelihood")]
+    assert LlmJudge(judge="smollm2", temperature=0.5).resolved_temperature == 0.5
+    assert LlmJudge(judge=str(tiny_dir)).resolved_temperature == 1.0  # not calibrated: T = 1
+    assert LlmJudge().resolved_temperature == 1.0  # the default scorers' weights carry the scale
+
+
+def test_identity_names_scores_weights_and_only_the_prompts_in_use(tiny_dir: Path) -> None:
+    def judge(*scores: str, weight: float = 1.0, **settings) -> LlmJudge:
+        specs = [{"judge": str(tiny_dir), "score": s, "weight": weight} for s in scores]
+        return LlmJudge(scorers=specs, **settings)
+
+    assert judge("likelihood").identity() != judge("likelihood", weight=2.0).identity()
+    assert judge("likelihood").identity() != judge("pmi").identity()
+    assert judge("likelihood").identity() == judge("likelihood", question="other?", guide="other").identity()
+    assert judge("yes_no").identity() != judge("yes_no", question="other?").identity()
+    assert judge("guided").identity() != judge("guided", guide="other").identity()

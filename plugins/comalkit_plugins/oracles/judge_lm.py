@@ -246,21 +246,17 @@ class JudgeModel:
             truncated += cut
             user = f"Request: {request}\n\nResponse: {answer}\n\n{question}"
             texts.append(self.format_prompt(user, system))
-        labels = [self.word_token_ids(word) for word in ("yes", "no")]
+        yes, no = (set(self.word_token_ids(word)) for word in ("yes", "no"))
+        labels = [sorted(yes - no), sorted(no - yes)]
+        if not labels[0] or not labels[1]:
+            raise ValueError(f"judge {self.name}: 'yes' and 'no' start with the same tokens")
         logp = self.next_token_logprobs(texts, labels, batch_size)
         return logp[:, 0] - logp[:, 1], truncated
 
     def word_token_ids(self, word: str) -> list[int]:
-        """Single-token spellings of ``word``: lower and capitalised, with and without a leading space."""
-        ids = set()
-        for variant in (word, word.capitalize()):
-            try:
-                ids.update(self.label_token_ids(variant))
-            except ValueError:
-                continue
-        if not ids:
-            raise ValueError(f"judge {self.name}: {word!r} is not a single token of its tokenizer")
-        return sorted(ids)
+        """The first tokens of ``word`` lower-case and capitalised, with and without a leading space
+        (the whole word where it is one token): the next tokens that start saying ``word``."""
+        return sorted({self.encode(v)[0] for w in (word, word.capitalize()) for v in (w, f" {w}")})
 
     def next_token_logprobs(
         self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], batch_size: int = 8

@@ -1,22 +1,22 @@
-"""Oracle ``llm_judge``: a language model as the judge, in one of two modes.
+"""Oracle ``llm_judge``: language models as the judge, in one of two modes.
 
-``likelihood`` (the default): each response is scored by the judge's mean per-token
-log-probability given the prompt (chat template applied), s(y) = (1/|y|) Σ_t log p(y_t | x,
-y_<t), and P(a ≻ b) = σ((s(a) − s(b)) / T), a Bradley–Terry model. Each distinct response is
-scored once per prompt, so a K×K win matrix costs K scored sequences.
+``likelihood`` (the default): each response y to a prompt x gets a reward that is a weighted
+sum of scores read from one or more frozen judge models, r(y) = Σ_k w_k s_k(y), and
+P(a ≻ b) = σ((r(a) − r(b)) / T), a Bradley–Terry model (transitive, exactly antisymmetric).
+The scores (:data:`SCORES`) are per-token log-probabilities of y under a judge model, with the
+prompt (``likelihood``), without it (``unconditioned``; ``pmi`` is their difference), under a
+guiding system prompt (``guided``), a pointwise P(yes) question (``yes_no``), and one text
+statistic (``repetition``). Each distinct response is scored once per prompt, so a K×K win
+matrix costs K scored sequences per score. The default weights were fitted by log-loss on the
+tuning half of the shipped check set and are reported on the held-out half (docs/oracles.md).
 
 ``prompted``: the judge reads both responses, quoted between delimiters in a template, and
 P(a ≻ b) comes from the logits of the two label tokens, p = softmax(ℓ_A, ℓ_B)_A, as the COMAL
-code does with its 8B judge. Every comparison is asked in both orders and averaged,
-P(a ≻ b) = ½ [p_A(a, b) + p_B(b, a)], which cancels a constant position bias and makes the
-result exactly antisymmetric; position consistency (both orders pick the same winner) is
-reported by :meth:`LlmJudge.diagnostics`.
-
-Why likelihood is the default (measured on this project's CPU, docs/oracles.md and
-/work/shared/feasibility.md §4): the bundled 135M–270M models are unusable as prompted
-judges: they pick the same position 100 % of the time and are at chance after swapping,
-while the likelihood mode ranks obvious good/bad pairs correctly (SmolLM2: 12/12 there,
-and ≥ 90 % on this package's data/obvious_pairs.jsonl). ``prompted`` is for larger judges.
+code (Liu et al., 2025) does with its 8B judge. Every comparison is asked in both orders and
+averaged, P(a ≻ b) = ½ [p_A(a, b) + p_B(b, a)], which cancels a constant position bias and
+makes the result exactly antisymmetric; position consistency (both orders pick the same
+winner) is reported by :meth:`LlmJudge.diagnostics`. The bundled 135M–270M models are at
+chance in this mode (docs/oracles.md); it is for larger judges.
 """
 
 from __future__ import annotations
