@@ -33,6 +33,16 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from comalkit.distributed import (
+    GlobalBatchSampler,
+    ScaledRecords,
+    check_layout,
+    current_rank,
+    launched_externally,
+    spawn_fit,
+    strategy_for,
+    world_size,
+)
 from comalkit.interfaces import PairLogps, RunContext, Snapshot, SubgameSolver
 from comalkit.policy import response_targets
 from comalkit.preference_data import PreferenceRecord
@@ -96,8 +106,10 @@ class TrainerConfig:
     precision: str = param("32-true", choices=PRECISIONS, help="Lightning precision")
     max_epochs: int = param(1, help="passes over the pairs: >= 1, or -1 with max_steps > 0")
     max_steps: int = param(-1, help="-1: no limit beyond max_epochs; else > 0")
-    batch_size: int = param(4, ge=1, help="preference pairs per micro-batch (2x sequences)")
-    eval_batch_size: int = param(8, ge=1, help="pairs per held-out batch")
+    batch_size: int = param(
+        4, ge=1, help="preference pairs per micro-batch over all devices (2x sequences; docs/scaling.md)"
+    )
+    eval_batch_size: int = param(8, ge=1, help="pairs per held-out batch over all devices")
     accumulate_grad_batches: int = param(1, ge=1, help="micro-batches per optimizer step")
     gradient_clip_val: float | None = param(1.0, gt=0.0, help="gradient-norm clip; null: none")
     lr: float = param(5.0e-5, gt=0.0, help="peak learning rate")
@@ -157,6 +169,9 @@ def trainer_config(cfg: Mapping[str, Any] | DictConfig | TrainerConfig | None) -
         ),
     ]
     for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for ok, message in check_layout(tc):  # after the devices check: the layout reads trainer.devices
         if not ok:
             raise ConfigError(message)
     return tc
@@ -371,6 +386,9 @@ class PreferenceModule(L.LightningModule):
         self.strict_loading = False  # checkpoints carry only the trainable weights
         self._tokens_seen = 0
         self.skipped_batches = 0  # non-finite batches skipped (trainer.on_nonfinite=skip)
+        #: (rank, world) when several processes train: batches are slices of global batches
+        self.shard: tuple[int, int] | None = None
+        self._global = (0, 0)  # the last sharded batch: (pairs, tokens) over all ranks
         self._last_loss = float("nan")
 
     # -- data -------------------------------------------------------------------------------------
@@ -388,10 +406,28 @@ class PreferenceModule(L.LightningModule):
 
     def dataloader(self, records: Sequence[PreferenceRecord], train: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.cfg.seed)
+        if self.shard is not None:  # this rank's slices of the global batches one process would draw
+            size = self.cfg.batch_size if train else self.cfg.eval_batch_size
+            shuffle = train and self.cfg.shuffle
+            sampler = GlobalBatchSampler(
+                len(records), size, *self.shard, shuffle=shuffle, generator=generator
+            )
+            return DataLoader(
+                ScaledRecords(records),
+                batch_sampler=sampler,
+                collate_fn=self.collate_scaled,
+                generator=generator,
+            )
         return DataLoader(
             list(records), batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
             shuffle=train and self.cfg.shuffle, collate_fn=self.collate, generator=generator,
         )  # fmt: skip
+
+    def collate_scaled(self, items: Sequence[tuple[PreferenceRecord, float]]) -> dict[str, Tensor]:
+        """:meth:`collate` plus each pair's loss scale (:class:`comalkit.distributed.GlobalBatchSampler`)."""
+        batch = self.collate([record for record, _ in items])
+        batch["pair_scale"] = torch.tensor([scale for _, scale in items], dtype=torch.float32)
+        return batch
 
     # -- steps ------------------------------------------------------------------------------------
     def pair_logps(self, batch: Mapping[str, Tensor]) -> PairLogps:
@@ -410,6 +446,8 @@ class PreferenceModule(L.LightningModule):
     def _step(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         pairs = self.pair_logps(batch)
         out = self.solver.loss(pairs)
+        if "pair_scale" in batch:
+            return self._global_step(batch, pairs, out)
         loss = out.mean(pairs.weight)
         chosen, rejected = out.chosen_rewards.detach().float(), out.rejected_rewards.detach().float()
         metrics = {
@@ -423,6 +461,39 @@ class PreferenceModule(L.LightningModule):
         }
         return loss, metrics
 
+    def _global_step(
+        self, batch: Mapping[str, Tensor], pairs: PairLogps, out: Any
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One rank's share of a global batch: a loss whose DDP-averaged gradient is the global batch's
+        mean loss, and the global batch's metrics (summed over ranks, so every rank logs the same)."""
+        scale = batch["pair_scale"].to(out.losses.device)
+        real = (scale > 0).float()
+        chosen, rejected = out.chosen_rewards.detach().float(), out.rejected_rewards.detach().float()
+        rows = torch.stack(
+            [
+                out.losses.detach().float(),
+                chosen,
+                rejected,
+                (chosen > rejected).float(),
+                chosen - rejected,
+                pairs.policy_chosen.detach().float(),
+                pairs.policy_rejected.detach().float(),
+            ]
+        )
+        tokens = (batch["attention_mask"].sum(1).view(2, -1).sum(0).to(real.device) * real).sum()
+        sums = torch.cat([(rows * real).sum(1), real.sum().view(1), tokens.float().view(1)])
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = sums[:7] / sums[7]
+        self._global = (int(sums[7]), int(sums[8]))
+        # a non-finite loss on any rank makes every rank's loss nan, so all ranks stop or skip together
+        loss = (out.losses * scale).sum() + 0.0 * means[0]
+        names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+        names += ("logps/chosen", "logps/rejected")
+        return loss, dict(zip(names, means, strict=True))
+
+    def _pairs_in(self, batch: Mapping[str, Tensor]) -> int:
+        return self._global[0] if "pair_scale" in batch else batch["input_ids"].shape[0] // 2
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss, metrics = self._step(batch)
         if not torch.isfinite(loss):
@@ -431,18 +502,16 @@ class PreferenceModule(L.LightningModule):
                 return None  # Lightning skips backward and the optimizer step
             raise NonFiniteError(f"{self._where()}: the loss is {float(loss)}{self._hint()}")
         self._last_loss = float(loss.detach())
-        self._tokens_seen += int(batch["attention_mask"].sum())
+        self._tokens_seen += self._global[1] if "pair_scale" in batch else int(batch["attention_mask"].sum())
         metrics["num_tokens"] = torch.tensor(float(self._tokens_seen))
         metrics["learning_rate"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0] // 2)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self._pairs_in(batch))
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, metrics = self._step(batch)
         metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        self.log_dict(
-            metrics, on_step=False, on_epoch=True, batch_size=batch["input_ids"].shape[0] // 2, sync_dist=True
-        )
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=self._pairs_in(batch), sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
@@ -537,28 +606,51 @@ def build_trainer(
     run: RunContext | None = None,
     step_offset: int = 0,
     callbacks: Sequence[L.Callback] = (),
+    model: torch.nn.Module | None = None,
+    plugins: Sequence[Any] = (),
 ) -> L.Trainer:
-    """A ``lightning.Trainer`` with the ``trainer`` group's settings; metrics go to ``run`` if given."""
+    """A ``lightning.Trainer`` with the ``trainer`` group's settings; metrics go to ``run`` if given.
+
+    ``model`` is the policy's network: ``trainer.strategy=fsdp`` wraps its decoder layers
+    (:func:`comalkit.distributed.strategy_for`). With several processes the batches are already
+    sharded (:class:`comalkit.distributed.GlobalBatchSampler`), so Lightning's sampler is off.
+    """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks = list(callbacks)
     if cfg.checkpoint.enabled:
         callbacks.append(
             ModelCheckpoint(
-                dirpath=Path(out_dir) / cfg.checkpoint.dirname, save_last="link",
-                every_n_train_steps=cfg.checkpoint.every_n_train_steps, save_top_k=-1 if cfg.checkpoint.keep_all else 1,
+                dirpath=Path(out_dir) / cfg.checkpoint.dirname,
+                save_last="link",
+                every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+                save_top_k=-1 if cfg.checkpoint.keep_all else 1,
             )
-        )  # fmt: skip
+        )
+    world = world_size(cfg)
     return L.Trainer(
-        accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-        precision=cfg.precision, max_epochs=cfg.max_epochs, max_steps=cfg.max_steps,
-        accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=cfg.gradient_clip_val,
-        val_check_interval=cfg.eval_every_n_steps, check_val_every_n_epoch=None if cfg.eval_every_n_steps else 1,
-        num_sanity_val_steps=0, log_every_n_steps=cfg.log_every_n_steps, enable_progress_bar=cfg.enable_progress_bar,
-        enable_model_summary=cfg.enable_model_summary, enable_checkpointing=cfg.checkpoint.enabled,
-        callbacks=callbacks, logger=[RunLogger(run, step_offset)] if run is not None else False,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=strategy_for(cfg, model, world),
+        num_nodes=cfg.num_nodes,
+        precision=cfg.precision,
+        max_epochs=cfg.max_epochs,
+        max_steps=cfg.max_steps,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.gradient_clip_val,
+        val_check_interval=cfg.eval_every_n_steps,
+        check_val_every_n_epoch=None if cfg.eval_every_n_steps else 1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=cfg.log_every_n_steps,
+        enable_progress_bar=cfg.enable_progress_bar,
+        enable_model_summary=cfg.enable_model_summary,
+        enable_checkpointing=cfg.checkpoint.enabled,
+        callbacks=callbacks,
+        logger=[RunLogger(run, step_offset)] if run is not None else False,
         default_root_dir=str(out_dir),
-    )  # fmt: skip
+        use_distributed_sampler=world == 1,
+        plugins=list(plugins) or None,
+    )
 
 
 @contextlib.contextmanager
@@ -622,14 +714,80 @@ def fit(
     check_records(train_records, solver, "training")
     if val_records:
         check_records(val_records, solver, "held-out")
+    start = time.perf_counter()
+    world = world_size(cfg)
+    if world > 1 and not launched_externally():  # the main process: fan out, get the weights back
+        result = spawn_fit(
+            policy, solver, train_records, cfg, out_dir, val_records, run, step_offset, callbacks
+        )
+    elif world > 1:  # one rank of several that torchrun or SLURM started
+        result = fit_as_rank(
+            policy,
+            solver,
+            train_records,
+            cfg,
+            out_dir,
+            val_records,
+            run,
+            step_offset,
+            callbacks,
+            rank=current_rank(),
+            world=world,
+        )
+        result.pop("_snapshot")
+    else:
+        train_loader = module.dataloader(train_records, train=True)
+        val_loader = module.dataloader(val_records, train=False) if val_records else None
+        trainer_args = (cfg, out_dir, run, step_offset, callbacks, policy.model)
+        result = _fit_here(policy, module, trainer_args, train_loader, val_loader)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def fit_as_rank(
+    policy: Any,
+    solver: SubgameSolver,
+    train_records: Sequence[PreferenceRecord],
+    cfg: TrainerConfig,
+    out_dir: str | Path,
+    val_records: Sequence[PreferenceRecord] | None,
+    run: Any,
+    step_offset: int,
+    callbacks: Sequence[L.Callback],
+    rank: int,
+    world: int,
+    plugins: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """:func:`fit` as rank ``rank`` of ``world`` processes; ``"_snapshot"`` holds the trained weights
+    (gathered to every rank, so FSDP and DeepSpeed shards come back whole)."""
+    module = PreferenceModule(policy, solver, cfg)
+    module.shard = (rank, world)
     train_loader = module.dataloader(train_records, train=True)
     val_loader = module.dataloader(val_records, train=False) if val_records else None
+    names = [n for n, p in policy.model.named_parameters() if p.requires_grad]  # before any wrapping
+    trainer_args = (cfg, out_dir, run, step_offset, callbacks, policy.model, plugins)
+    result = _fit_here(policy, module, trainer_args, train_loader, val_loader)
+    state = result.pop("_trainer").strategy.lightning_module_state_dict()  # a collective under FSDP
+    result["_snapshot"] = (
+        {n: state[f"model.{n}"].detach().to("cpu", copy=True) for n in names} if state else {}
+    )
+    return result
+
+
+def _fit_here(
+    policy: Any,
+    module: PreferenceModule,
+    trainer_args: tuple[Any, ...],
+    train_loader: DataLoader,
+    val_loader: Any,
+) -> dict[str, Any]:
+    """The Lightning part of :func:`fit` in this process: validate, fit, validate."""
+    cfg = module.cfg
     result: dict[str, Any] = {}
-    start = time.perf_counter()
     was_training = policy.model.training
     try:
         with _quiet_lightning():
-            trainer = build_trainer(cfg, out_dir, run, step_offset, callbacks)
+            trainer = build_trainer(*trainer_args)
             policy.model.train()  # models load in eval mode; Lightning keeps each submodule's mode
             if val_loader is not None:
                 result["eval_before"] = _scalars(trainer.validate(module, val_loader, verbose=False)[0])
@@ -650,7 +808,8 @@ def fit(
                     )
     finally:
         policy.model.train(was_training)
-    result["seconds"] = time.perf_counter() - start
+    if module.shard is not None:
+        result["_trainer"] = trainer
     return result
 
 
@@ -678,6 +837,7 @@ __all__ = [
     "check_finite_weights",
     "check_records",
     "fit",
+    "fit_as_rank",
     "lean_sequence_logps",
     "lr_lambda",
     "precompute_logps",

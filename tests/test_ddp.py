@@ -1,0 +1,245 @@
+"""Training on several processes (docs/scaling.md): 2 DDP ranks (gloo, CPU) train like 1 process.
+
+Both layouts see the same global batches (``trainer.batch_size`` is global; the ranks take slices
+of the batches one process would draw, with shuffling on), so the only differences are float
+rounding in the gradient all-reduce. The equality tests use SGD: Adam divides each coordinate by
+its own gradient scale, so on coordinates whose gradient is rounding noise it turns a 1e-9
+difference into one of order lr. Tolerance: 1e-5 absolute on weights and losses, and 1e-6 relative
+on summed log-probs (a float32 ulp at 200 is 1.5e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from comalkit.distributed import GlobalBatchSampler, ScaledRecords, decoder_layer_classes, shard
+from comalkit.outputs import read_metrics
+from comalkit.registry import ConfigError
+from comalkit.testing import compose, run_job
+from comalkit.training import trainer_config
+
+REPO = Path(__file__).resolve().parent.parent
+TOL = 1e-5
+SGD = ["trainer.optimizer._target_=torch.optim.SGD", "trainer.lr=0.5"]
+TINY_MODEL = ["model=tiny", "model.max_length=160", "model.max_prompt_length=96", "model.lora.r=4"]
+# 7 pairs in global batches of 2: the last batch of each epoch leaves rank 1 without a pair
+OFFLINE = [
+    "experiment=offline",
+    *TINY_MODEL,
+    "trainer=fast",
+    *SGD,
+    "trainer.max_steps=-1",
+    "trainer.max_epochs=2",
+    "data.limit=7",
+    "data.eval_limit=4",
+]
+ONLINE = [
+    *TINY_MODEL,
+    "oracle=rule",
+    "trainer=fast",
+    *SGD,
+    "task.iterations=1",
+    "task.samples_per_prompt=3",
+    "task.max_new_tokens=8",
+    "task.eval_prompts=2",
+    "data.split_size=3",
+]
+DDP2 = ["trainer.strategy=ddp", "trainer.devices=2"]  # on top of trainer=fast: only the layout changes
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """One torch thread here and in each rank (a rank takes the main process's threads / ranks)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def trained_lora(adapter: dict[str, torch.Tensor]) -> bool:
+    """LoRA starts with B = 0: a nonzero B means the adapter was trained."""
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    return bool(lora_b) and any(float(v.abs().max()) > 1e-4 for v in lora_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch layout, without processes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_slice_the_global_batches_one_process_draws(world: int) -> None:
+    """Over 3 shuffled epochs, the ranks' slices put together are the single DataLoader's batches,
+    and each global batch's loss scales sum to W (so the DDP mean is the batch mean)."""
+    n, size = 7, 3
+    generator = torch.Generator().manual_seed(5)
+    single = DataLoader(list(range(n)), batch_size=size, shuffle=True, generator=generator, collate_fn=list)
+    expected = [batch for _ in range(3) for batch in single]
+    per_rank = []
+    for rank in range(world):
+        g = torch.Generator().manual_seed(5)
+        sampler = GlobalBatchSampler(n, size, rank, world, shuffle=True, generator=g)
+        loader = DataLoader(
+            ScaledRecords(list(range(n))), batch_sampler=sampler, generator=g, collate_fn=list
+        )
+        assert len(loader) == len(single)
+        per_rank.append([batch for _ in range(3) for batch in loader])
+    for step, batch in enumerate(expected):
+        slices = [per_rank[r][step] for r in range(world)]
+        assert [i for s in slices for i, scale in s if scale > 0] == batch
+        assert sum(scale for s in slices for _, scale in s) == pytest.approx(world)
+
+
+def test_a_rank_without_a_pair_gets_one_that_weighs_nothing() -> None:
+    assert shard([4], 0, 2) == [(4, 2.0)]
+    assert shard([4], 1, 2) == [(4, 0.0)]
+    assert shard([1, 2, 3], 0, 2) == [(1, 2 / 3), (2, 2 / 3)] and shard([1, 2, 3], 1, 2) == [(3, 2 / 3)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "strategy"), [("ddp", "ddp"), ("fsdp", "fsdp"), ("deepspeed", "deepspeed_stage_2")]
+)
+def test_layout_configs_compose(name: str, strategy: str) -> None:
+    cfg = compose(["experiment=offline", f"trainer={name}"])
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes) == (strategy, 2, 1)
+    assert (
+        cfg.trainer.batch_size == compose(["experiment=offline"]).trainer.batch_size
+    )  # the same global batch
+
+
+def test_layout_errors_name_the_key_and_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"trainer.batch_size=3 .* divide evenly over .* = 2 processes"):
+        trainer_config({"devices": 2, "strategy": "ddp", "batch_size": 3})
+    with pytest.raises(ConfigError, match=r"trainer.eval_batch_size=3 .* 4 processes"):
+        trainer_config({"devices": 2, "num_nodes": 2, "batch_size": 4, "eval_batch_size": 3})
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        for stage in ("deepspeed_stage_2", "deepspeed_stage_3"):
+            with pytest.raises(ConfigError, match=f"trainer.strategy={stage} needs the deepspeed package"):
+                trainer_config({"strategy": stage, "devices": 2})
+    else:  # pragma: no cover - deepspeed machines
+        trainer_config({"strategy": "deepspeed_stage_3", "devices": 2})
+
+
+def test_fsdp_wraps_the_decoder_layers_of_any_architecture() -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    from comalkit.models import tiny_causal_lm
+
+    llama, _ = tiny_causal_lm()
+    assert {c.__name__ for c in decoder_layer_classes(llama)} == {"LlamaDecoderLayer"}
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    assert decoder_layer_classes(qwen) == {Qwen2DecoderLayer}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 processes = 1 process
+# ---------------------------------------------------------------------------------------------
+def test_offline_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """experiment=offline through the app, 2 epochs of shuffled, ragged global batches."""
+    one = run_job(OFFLINE, tmp_path / "one")
+    two = run_job([*OFFLINE, *DDP2], tmp_path / "two")
+    assert one["steps"] == two["steps"] == 8  # 4 global batches per epoch on both layouts
+    weights = [load_file(tmp_path / d / "checkpoint" / "adapter_model.safetensors") for d in ("one", "two")]
+    assert max_difference(*weights) < TOL
+    assert trained_lora(weights[1]), "training on 2 ranks moved the adapter"
+    for key, value in one["eval_after"].items():
+        assert two["eval_after"][key] == pytest.approx(value, rel=1e-6, abs=TOL), key
+    assert two["train"]["loss"] == pytest.approx(one["train"]["loss"], abs=TOL)
+    rows = [read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two")]
+    # rank 0's rows reach metrics.jsonl once each, through the main process
+    assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[0]]
+    assert [r["step"] for r in rows[1] if "loss" in r] == list(range(8))
+    for a, b in zip(rows[0], rows[1], strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() & {"loss", "rewards/margins", "num_tokens", "eval_loss", "grad_norm"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=TOL), key
+
+
+def test_online_iteration_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """One online iteration: sampling, judging and log-probs once in the main process, training on 2 ranks."""
+    run_job(ONLINE, tmp_path / "one")
+    summary = run_job([*ONLINE, *DDP2], tmp_path / "two")
+    assert summary["iterations"] == 1
+    one, two = (tmp_path / d / "iterations" / "000" for d in ("one", "two"))
+    assert json.loads((one / "sample" / "samples.json").read_text()) == json.loads(
+        (two / "sample" / "samples.json").read_text()
+    )
+    trained = [load_file(d / "train" / "policy.safetensors") for d in (one, two)]
+    assert max_difference(*trained) < TOL
+    assert trained_lora(trained[1]), "training on 2 ranks moved the adapter"
+    rows = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [0]
+    assert rows[0]["loss"] == pytest.approx(
+        read_metrics(tmp_path / "one" / "metrics.jsonl")[0]["loss"], abs=TOL
+    )
+
+
+def test_multirun_with_ddp_runs_each_job_once(tmp_path: Path) -> None:
+    """Lightning-AI/pytorch-lightning#11300: under Lightning's own ``ddp`` launcher the ranks re-run
+    ``sys.argv`` and re-enter the sweep. comalkit's ranks run only the fit: two jobs, two summaries."""
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    fast = [
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.batch_size=2",
+        "trainer.max_epochs=1",
+        "trainer.eval_batch_size=4",
+        "trainer.enable_progress_bar=false",
+        "trainer.optimizer._target_=torch.optim.SGD",
+    ]
+    offline = ["experiment=offline", *TINY_MODEL, "data.limit=7", "data.eval_limit=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "comalkit",
+        "-m",
+        *offline,
+        "trainer=ddp",
+        "trainer.devices=2",
+        *fast,
+        "trainer.lr=0.5,0.25",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("comalkit: results in") == 2
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0", "1"]
+    summaries = [json.loads((tmp_path / j / "summary.json").read_text()) for j in jobs]
+    assert [s["steps"] for s in summaries] == [4, 4]
+    assert summaries[0]["eval_after"]["eval_loss"] != summaries[1]["eval_after"]["eval_loss"]  # two lrs ran
+    for job in jobs:
+        assert [r["step"] for r in read_metrics(tmp_path / job / "metrics.jsonl") if "loss" in r] == [
+            0,
+            1,
+            2,
+            3,
+        ]
