@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -495,7 +495,9 @@ class _Recorder:
 class _ArraySnapshot(Mapping):
     """``{"logits": log π}`` for the reference updater, made a tensor only if the updater reads
     it (prox reads it once per round): building a tensor every iteration would cost more
-    than the numpy update itself. It shares memory with the array, which is never modified."""
+    than the numpy update itself. It shares memory with the array, which is never modified.
+    The loop reuses one instance and points it at each new array; an updater that returns
+    it as the new reference gets a copy instead."""
 
     __slots__ = ("array",)
 
@@ -521,7 +523,7 @@ class _Ops:
         self.shape = m.shape[:2]
         if not on_numpy:
             self.win_rate = lambda logp: win_rates(m, logp.softmax(-1))
-            self.snapshot = lambda logp: {"logits": logp}
+            self.snapshot = None
             return
         a = m.cpu().numpy()
         if a.shape[0] == 1:  # one game: 1-D policies, a plain mat-vec
@@ -529,8 +531,39 @@ class _Ops:
             self.win_rate = lambda logp: dot(a2, _exp(logp))
         else:
             self.win_rate = lambda logp: np.matmul(a, _exp(logp)[..., None])[..., 0]
-        self.snapshot = _ArraySnapshot
+        self.snapshot = _ArraySnapshot(np.empty(0))
         self.on_numpy = on_numpy
+        self.array = a[0] if a.shape[0] == 1 else a
+
+    def bind(self, solver: SubgameSolver, ref_logp: Any) -> Callable[[Any, Any, Any], Any]:
+        """The update to call until the reference or the strength next changes.
+
+        On numpy, a solver whose update is ``normalise(a·log π + b·log μ + c·M π)``
+        (``log_linear_update``) gets it fused: ``b·log μ`` and ``c·M`` are computed here once
+        per round, leaving five array operations and the normalisation per iteration.
+        """
+        hook = getattr(solver, "log_linear_update", None)  # duck-typed solvers have none
+        coefficients = hook() if hook is not None and getattr(self, "on_numpy", False) else None
+        if coefficients is None:
+            return solver.population_update
+        a, b, c = coefficients
+        base = b * ref_logp if b else 0.0
+        if getattr(self, "_scaled", (None,))[0] != c:  # c·M changes with the strength only
+            self._scaled = (c, c * self.array)
+        scaled = self._scaled[1]
+        if scaled.ndim == 2:
+            dot, low, high = np.dot, *_SAFE_SUM
+
+            def update(logp: np.ndarray, _ref: Any, _win: Any) -> np.ndarray:
+                logits = a * logp + base + dot(scaled, _exp(logp))
+                total = float(_add_reduce(_exp(logits)))  # normalise_numpy's shortcut, inlined
+                return logits - math.log(total) if low < total < high else normalise_numpy(logits)
+
+            return update
+        matmul = np.matmul
+        return lambda logp, _ref, _win: normalise_numpy(
+            a * logp + base + matmul(scaled, _exp(logp)[..., None])[..., 0]
+        )
 
     def start(self, p0: Tensor) -> Any:
         logp = p0.log().log_softmax(-1)
@@ -642,6 +675,12 @@ def run_dynamics(
     steps, metrics, policies = recorder.result()
     _check_finite(metrics["gap"], steps.tolist())
     shape = (len(round_policies), *m.shape[:2])
+    if not round_policies:
+        rounds = torch.empty(shape, dtype=torch.float64)
+    elif isinstance(logp, np.ndarray):  # one conversion, not one per round
+        rounds = torch.from_numpy(np.exp(np.stack(round_policies))).reshape(shape)
+    else:
+        rounds = torch.stack(round_policies).cpu().exp()
     return Trajectory(
         steps=steps,
         metrics=metrics,
@@ -649,9 +688,7 @@ def run_dynamics(
         final_logp=ops.tensor(logp),
         nash=pi_star.cpu(),
         round_ends=round_ends,
-        round_policies=torch.stack([ops.tensor(p) for p in round_policies]).reshape(shape).exp()
-        if round_policies
-        else torch.empty(shape, dtype=torch.float64),
+        round_policies=rounds,
         iterations=done,
         converged=None if tol is None else bool((metrics["gap"][-1] < tol).all()),
         backend=chosen,
@@ -678,12 +715,8 @@ def _loop(
     round_ends: list[int] = []
     round_policies: list[Any] = []
     recorder.add(0, logp)
-    update, win_rate, snapshot, round_of = (
-        solver.population_update,
-        ops.win_rate,
-        ops.snapshot,
-        reference.round_of,
-    )
+    win_rate, snapshot, round_of = ops.win_rate, ops.snapshot, reference.round_of
+    update = ops.bind(solver, ref_logp)
     # record_every=0: every iteration up to AUTO_RECORD_DENSE, then ten times sparser each decade
     stride, decade = (record_every, 0) if record_every else (1, AUTO_RECORD_DENSE)
     done = 0
@@ -691,12 +724,18 @@ def _loop(
         this_round = round_of(k)
         if this_round != round_index:
             round_index = this_round
-            _apply_strength(solver, reference, round_index)
+            if _apply_strength(solver, reference, round_index):
+                update = ops.bind(solver, ref_logp)
         logp = update(logp, ref_logp, win_rate)
-        moved = reference.update(ref, snapshot(logp), k)
+        if snapshot is None:
+            moved = reference.update(ref, {"logits": logp}, k)
+        else:
+            snapshot.array = logp
+            moved = reference.update(ref, snapshot, k)
         if moved is not None:
-            ref = moved
+            ref = {"logits": moved["logits"].clone()} if moved is snapshot else moved
             ref_logp = ops.reference(ref, logp)
+            update = ops.bind(solver, ref_logp)
             round_ends.append(k + 1)
             round_policies.append(logp)
         done = k + 1
@@ -711,10 +750,12 @@ def _loop(
     return logp, done, round_ends, round_policies
 
 
-def _apply_strength(solver: SubgameSolver, reference: ReferenceUpdater, round_index: int) -> None:
+def _apply_strength(solver: SubgameSolver, reference: ReferenceUpdater, round_index: int) -> bool:
+    """Set the round's strength, if the reference schedules one; whether it did."""
     value = reference.strength(round_index)
     if value is not None:
         solver.set_strength(value)
+    return value is not None
 
 
 def _check_finite(gaps: Tensor, steps: Sequence[int]) -> None:

@@ -99,6 +99,11 @@ class SubgameSolver(ABC):
     def set_strength(self, value: float) -> None:  # noqa: B027 - optional hook
         """Set the KL-regularisation strength for a round (a per-round schedule); default: ignore."""
 
+    def log_linear_update(self) -> tuple[float, float, float] | None:
+        """``(a, b, c)`` when :meth:`population_update` is ``normalise(a·log π + b·log μ + c·P(· ≻ π))``,
+        so that the game engine can fuse it into fewer array operations; None (default) otherwise."""
+        return None
+
 
 # ---------------------------------------------------------------------------------------------
 # Reference updaters

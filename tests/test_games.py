@@ -346,7 +346,13 @@ def test_automatic_recording_is_dense_early_and_sparser_each_decade():
 
 @pytest.mark.parametrize(
     ("solver", "reference"),
-    [("inpo", "prox"), ("inpo", "ema"), ("nash_md", "prox"), ("extragradient", "fixed")],
+    [
+        ("inpo", "prox"),
+        ("inpo", "ema"),
+        ("iter_ipo", "fixed"),
+        ("nash_md", "prox"),
+        ("extragradient", "fixed"),
+    ],
 )
 @pytest.mark.parametrize("count", [1, 3])
 def test_the_numpy_path_equals_the_torch_path(solver, reference, count):
@@ -383,3 +389,16 @@ def test_backend_choice():
         run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], sppo, reference, 5, backend="numpy")
     with pytest.raises(ConfigError, match=r"backend='jax': expected one of auto, numpy, torch"):
         run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], solver, reference, 5, backend="jax")
+
+
+def test_the_fused_numpy_update_follows_a_strength_schedule():
+    """INPO's update is fused on numpy (log_linear_update); a new strength each round must reach it."""
+    reference_cfg = compose(["experiment=synthetic", "reference.strengths=[0.8,0.4,0.25]"]).reference
+    runs = {}
+    for backend in ("numpy", "torch"):
+        solver, _ = build("inpo", "prox")
+        runs[backend] = run_dynamics(
+            np.array(PAPER3), [0.2, 0.5, 0.3], solver, instantiate(reference_cfg), 60, backend=backend
+        )
+        assert solver.beta == 0.25
+    torch.testing.assert_close(runs["numpy"].policies, runs["torch"].policies, rtol=0, atol=1e-13)

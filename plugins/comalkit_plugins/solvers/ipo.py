@@ -88,6 +88,10 @@ class SquaredMarginSolver(PairSolver):
         losses = (margin - 1 / (2 * c)) ** 2
         return LossOutput(losses, c * chosen.detach(), c * rejected.detach())
 
+    def log_linear_update(self) -> tuple[float, float, float]:
+        """The coefficients of :meth:`population_update`: ``(1 − r, r, 1/c)``."""
+        return 1 - self.ratio, self.ratio, 1 / self.coefficient
+
     def population_update(self, last_logp: Tensor, ref_logp: Tensor, win_rate: WinRateFn) -> Tensor:
         r = self.ratio
         logits = win_rate(last_logp) / self.coefficient
