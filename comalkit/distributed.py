@@ -1,10 +1,10 @@
-"""Training on several processes: the batch layout, comalkit's spawn launcher and the strategy objects.
+"""Training on several processes: the batch layout, comalkit's rank launcher and the strategy objects.
 
 comalkit keeps one main process that samples, judges, computes the frozen log-probs and writes
-every run file; only :func:`comalkit.training.fit` fans out. With ``trainer.devices`` ×
-``trainer.num_nodes`` > 1 on one machine, :func:`spawn_fit` starts one worker process per
-device (``torch.multiprocessing``, start method ``spawn``) that runs the Lightning fit as one
-rank, with ``LOCAL_RANK`` set so that Lightning launches nothing itself. The workers never
+every run file; only :func:`comalkit.training.fit` fans out. With ``trainer.devices`` > 1 on
+one machine, :func:`spawn_fit` starts one worker process per device (``torch.multiprocessing``;
+``fork`` for CPU ranks, ``spawn`` for CUDA ones) that runs the Lightning fit as one rank, with
+``LOCAL_RANK`` set so that Lightning launches nothing itself. The workers never
 re-run the command line, which is how the Hydra-multirun + DDP trap (Lightning issue 11300:
 Lightning's default ``ddp`` launcher re-runs ``sys.argv``, and a multirun's children re-enter
 the sweep) cannot happen. Rank 0 sends its logged rows to the main process as they come (the
@@ -42,6 +42,8 @@ from comalkit.registry import ConfigError
 DDP_NAMES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 #: FSDP names; comalkit adds the auto-wrap policy over the model's decoder layers
 FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")
+#: how the ranks start (``trainer.start_method``)
+START_METHODS = ("auto", "spawn", "fork")
 
 
 def device_count(accelerator: str, devices: Any) -> int:
@@ -66,6 +68,20 @@ def device_count(accelerator: str, devices: Any) -> int:
     return int(devices)
 
 
+def on_gpu(accelerator: str) -> bool:
+    """Whether the ranks train on CUDA devices."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def start_method(cfg: Any) -> str:
+    """``fork`` for CPU ranks (they inherit the imported modules and the model: no start-up cost),
+    ``spawn`` for CUDA ranks (CUDA cannot be used in a forked process once the main process has)."""
+    if cfg.start_method != "auto":
+        return cfg.start_method
+    fork = "fork" in torch.multiprocessing.get_all_start_methods()
+    return "fork" if fork and not on_gpu(cfg.accelerator) and not torch.cuda.is_initialized() else "spawn"
+
+
 def world_size(cfg: Any) -> int:
     """Processes that train together: devices per node × nodes."""
     return device_count(cfg.accelerator, cfg.devices) * int(cfg.num_nodes)
@@ -83,6 +99,10 @@ def check_layout(cfg: Any) -> list[tuple[bool, str]]:
                 f"trainer.{key}={value} is the global number of pairs per micro-batch and must divide evenly "
                 f"over trainer.devices x trainer.num_nodes = {world} processes; use a multiple of {world}",
             )
+        )
+    if cfg.start_method == "fork" and on_gpu(cfg.accelerator):
+        checks.append(
+            (False, "trainer.start_method=fork: CUDA cannot be used in forked ranks; use auto or spawn")
         )
     if cfg.strategy.startswith("deepspeed"):
         checks.append(
@@ -220,7 +240,7 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class FitJob:
-    """Everything a worker needs, pickled once to each spawned process."""
+    """Everything a worker needs (pickled to each process under ``spawn``, inherited under ``fork``)."""
 
     policy: Any
     solver: Any
@@ -258,7 +278,7 @@ def spawn_fit(
     step_offset: int,
     callbacks: Sequence[Any],
 ) -> dict[str, Any]:
-    """Fit on ``trainer.devices`` spawned ranks of this machine; load rank 0's trained weights into ``policy``.
+    """Fit on ``trainer.devices`` ranks started on this machine; load rank 0's trained weights into ``policy``.
 
     Returns what :func:`comalkit.training.fit` returns, measured on rank 0. Logged rows reach
     ``run`` through the main process while training runs. An error in a rank is raised here.
@@ -274,7 +294,8 @@ def spawn_fit(
     home = policy.device
     if home.type != "cpu":
         policy.model.to("cpu")  # each rank moves its copy to its own device; the main process holds none
-    context = mp.get_context("spawn")
+    method = start_method(cfg)
+    context = mp.get_context(method)
     queue = context.SimpleQueue()
     job = FitJob(
         policy=policy,
@@ -296,7 +317,7 @@ def spawn_fit(
     reader.start()
     try:
         processes = mp.start_processes(
-            _worker, args=(job, queue), nprocs=devices, start_method="spawn", join=False
+            _worker, args=(job, queue), nprocs=devices, start_method=method, join=False
         )
         try:
             while not processes.join():
@@ -359,7 +380,8 @@ def _worker(local_rank: int, job: FitJob, queue: Any) -> None:
 
     try:
         for tensor in [*job.policy.model.parameters(), *job.policy.model.buffers()]:
-            tensor.data = tensor.data.clone()  # spawn shares CPU storage between ranks: give each its own
+            if tensor.is_shared():  # spawn passes CPU tensors in shared memory: give each rank its own
+                tensor.data = tensor.data.clone()
         result = fit_as_rank(
             job.policy,
             job.solver,

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from comalkit.distributed import (
+    START_METHODS,
     GlobalBatchSampler,
     ScaledRecords,
     check_layout,
@@ -129,6 +130,11 @@ class TrainerConfig:
     lean_logps: bool = param(True, help="training log-probs through a chunked, recomputed LM head")
     on_nonfinite: str = param(
         "error", choices=NONFINITE_MODES, help="a nan/inf loss or gradient: error (stop) or skip the batch"
+    )
+    start_method: str = param(
+        "auto",
+        choices=START_METHODS,
+        help="how comalkit starts the ranks on one node: auto (fork for CPU ranks, else spawn) | spawn | fork",
     )
     shuffle: bool = param(True, help="shuffle the training pairs every epoch")
     seed: int = param(0, help="data order")

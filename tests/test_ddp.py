@@ -184,9 +184,10 @@ def test_offline_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
 
 
 def test_online_iteration_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
-    """One online iteration: sampling, judging and log-probs once in the main process, training on 2 ranks."""
+    """One online iteration: sampling, judging and log-probs once in the main process, training on 2
+    spawned ranks (the start method CUDA ranks use; the other tests fork, the CPU default)."""
     run_job(ONLINE, tmp_path / "one")
-    summary = run_job([*ONLINE, *DDP2], tmp_path / "two")
+    summary = run_job([*ONLINE, *DDP2, "trainer.start_method=spawn"], tmp_path / "two")  # as on GPUs
     assert summary["iterations"] == 1
     one, two = (tmp_path / d / "iterations" / "000" for d in ("one", "two"))
     assert json.loads((one / "sample" / "samples.json").read_text()) == json.loads(
