@@ -32,7 +32,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from comalkit.outputs import (
     CorruptFileError,
-    OutputError,
     Run,
     RunLockedError,
     lock_run_dir,
@@ -334,7 +333,7 @@ def report(exc: BaseException) -> int:
         kind, code, exc = "config error", EXIT_CONFIG, error
     elif isinstance(exc, (RunLockedError, CorruptFileError)):
         kind, code = "error", EXIT_CONFIG
-    elif isinstance(exc, OutputError):
+    elif isinstance(exc, OSError):  # an OutputError names the file; a plain one usually does too
         kind, code = "I/O error", EXIT_ERROR
     else:
         kind, code = f"error: {type(exc).__name__}", EXIT_ERROR

@@ -64,6 +64,7 @@ def is_io_error(exc: BaseException) -> bool:
         marker in text
         for marker in (
             "No space left",
+            "disk is full",
             "Read-only file system",
             "Permission denied",
             "os error",
@@ -261,7 +262,7 @@ def read_json(path: str | Path, recover: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 # The run directory: one process at a time, no leftovers of interrupted writes
 # ---------------------------------------------------------------------------------------------
-_LOCKS: dict[Path, IO[str]] = {}
+_LOCKS: dict[Path, IO[bytes]] = {}
 
 
 class RunLockedError(RuntimeError):
@@ -279,24 +280,22 @@ def lock_run_dir(out_dir: str | Path) -> None:
         return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(out_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the process ends
+        handle = open(out_dir / LOCK_FILE, "a+b", buffering=0)  # noqa: SIM115 - held until the process ends
     except OSError as exc:
         raise OutputError(out_dir / LOCK_FILE, exc) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "?"
+        holder = handle.read().decode(errors="replace").strip() or "?"
         handle.close()
         raise RunLockedError(
             f"another comalkit process (pid {holder}) is running in {out_dir} (it holds {LOCK_FILE}); "
             "wait for it to finish, or run into another directory with hydra.run.dir=..."
         ) from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+    try:  # unbuffered: a full disk fails here, not later in close()
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n".encode())
     except OSError as exc:
         handle.close()
         raise OutputError(out_dir / LOCK_FILE, exc) from None

@@ -44,6 +44,7 @@ from comalkit.models import (
     quiet_progress_bars,
     resolve_dtype,
 )
+from comalkit.outputs import OutputError, is_io_error
 from comalkit.registry import ConfigError, param
 
 #: A prompt: plain text (one user message) or a list of chat messages (TRL's conversational format).
@@ -507,6 +508,10 @@ class LMPolicy:
             if self.lora:  # which base the adapter belongs to, checked when it is loaded again
                 (tmp / BASE_FILE).write_text(json.dumps(base_identity(self.model)) + "\n")
             _replace_dir(tmp, target)
+        except Exception as exc:  # transformers and tokenizers report a full disk without the file
+            if is_io_error(exc) and not isinstance(exc, OutputError):
+                raise OutputError(target, exc) from None
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target

@@ -26,10 +26,9 @@ TINY_ONLINE = [
     "trainer=fast",
     "task.iterations=1",
     "task.samples_per_prompt=3",
-    "task.max_new_tokens=6",
-    "task.eval_prompts=1",
-    "data.split_size=2",
-    "trainer.max_steps=1",
+    "task.max_new_tokens=8",
+    "task.eval_prompts=2",
+    "data.split_size=3",
 ]
 TINY_OFFLINE = [
     "experiment=offline",
