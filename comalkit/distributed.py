@@ -100,6 +100,22 @@ def check_layout(cfg: Any) -> list[tuple[bool, str]]:
                 f"over trainer.devices x trainer.num_nodes = {world} processes; use a multiple of {world}",
             )
         )
+    if cfg.num_nodes > 1:
+        checks.append(
+            (
+                launched_externally(),
+                f"trainer.num_nodes={cfg.num_nodes}: several nodes need one process per device on every node, "
+                "started by torchrun or SLURM (docs/scaling.md); comalkit starts ranks on one node only",
+            )
+        )
+    if cfg.strategy in FSDP_NAMES:
+        checks.append(
+            (
+                on_gpu(cfg.accelerator),
+                f"trainer.strategy={cfg.strategy} needs CUDA devices (Lightning's FSDP runs on GPUs only); "
+                "on the CPU use trainer=ddp",
+            )
+        )
     if cfg.start_method == "fork" and on_gpu(cfg.accelerator):
         checks.append(
             (False, "trainer.start_method=fork: CUDA cannot be used in forked ranks; use auto or spawn")
@@ -285,11 +301,6 @@ def spawn_fit(
     """
     import torch.multiprocessing as mp
 
-    if int(cfg.num_nodes) > 1:
-        raise ConfigError(
-            f"trainer.num_nodes={cfg.num_nodes}: several nodes need one process per device started by "
-            "torchrun or SLURM (see docs/scaling.md); comalkit spawns processes on one node only"
-        )
     devices = device_count(cfg.accelerator, cfg.devices)
     home = policy.device
     if home.type != "cpu":

@@ -126,8 +126,13 @@ def test_layout_configs_compose(name: str, strategy: str) -> None:
 def test_layout_errors_name_the_key_and_the_fix() -> None:
     with pytest.raises(ConfigError, match=r"trainer.batch_size=3 .* divide evenly over .* = 2 processes"):
         trainer_config({"devices": 2, "strategy": "ddp", "batch_size": 3})
-    with pytest.raises(ConfigError, match=r"trainer.eval_batch_size=3 .* 4 processes"):
-        trainer_config({"devices": 2, "num_nodes": 2, "batch_size": 4, "eval_batch_size": 3})
+    with pytest.raises(ConfigError, match=r"trainer.eval_batch_size=3 .* 2 processes"):
+        trainer_config({"devices": 2, "batch_size": 4, "eval_batch_size": 3})
+    with pytest.raises(ConfigError, match=r"trainer.num_nodes=2: .* torchrun or SLURM"):
+        trainer_config({"num_nodes": 2})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"trainer.strategy=fsdp needs CUDA .* trainer=ddp"):
+            trainer_config({"strategy": "fsdp", "accelerator": "cpu", "devices": 2})
     try:
         import deepspeed  # noqa: F401
     except ImportError:
