@@ -100,6 +100,14 @@ def check_layout(cfg: Any) -> list[tuple[bool, str]]:
                 f"over trainer.devices x trainer.num_nodes = {world} processes; use a multiple of {world}",
             )
         )
+    if world > 1:
+        checks.append(
+            (
+                cfg.on_nonfinite != "skip",
+                f"trainer.on_nonfinite=skip: Lightning cannot skip a training step on {world} processes; "
+                "use trainer.on_nonfinite=error (the default) or one device",
+            )
+        )
     if cfg.num_nodes > 1:
         checks.append(
             (
@@ -333,10 +341,17 @@ def spawn_fit(
         try:
             while not processes.join():
                 pass
-        except Exception as exc:
+        except BaseException as exc:  # a failed rank, or an interrupt of the main process (SIGTERM)
+            for process in processes.processes:
+                if process.is_alive():
+                    process.terminate()  # no rank outlives the main process's fit (or holds its files)
+            for process in processes.processes:
+                process.join()
             queue.put(("stop",))
             reader.join()
-            raise outcome.get("error") or exc from None
+            if isinstance(exc, Exception) and "error" in outcome:
+                raise outcome["error"] from None  # the rank's own exception (NonFiniteError, ...)
+            raise
         queue.put(("stop",))
         reader.join()
     finally:

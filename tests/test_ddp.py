@@ -249,3 +249,57 @@ def test_multirun_with_ddp_runs_each_job_once(tmp_path: Path) -> None:
             2,
             3,
         ]
+
+
+def test_a_resumed_two_rank_run_ends_like_one_process(tmp_path: Path) -> None:
+    """Killed (SIGKILL) after iteration 2's ranks finished but before its train stage committed, the
+    rerun trains iteration 2 again on fresh ranks and ends where one process ends."""
+    overrides = [*ONLINE, "task.iterations=2", *DDP2]
+    cmd = [sys.executable, "-m", "comalkit", *overrides, f"hydra.run.dir={tmp_path / 'two'}"]
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    killed = subprocess.run(
+        cmd, env={**env, "COMALKIT_FAULT": "train:before-commit@1"}, capture_output=True, text=True, cwd=REPO
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (tmp_path / "two" / "iterations" / "001" / "train").exists()
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_job([*ONLINE, "task.iterations=2"], tmp_path / "one")
+    trained = [
+        load_file(tmp_path / d / "iterations" / "001" / "train" / "policy.safetensors")
+        for d in ("one", "two")
+    ]
+    assert max_difference(*trained) < TOL
+    assert [r["iteration"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")] == [0, 1]
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """Pair 1 (rank 1's half of the first global batch) has an infinite loss: the ranks share it
+    through the metric all-reduce, so both stop at step 0 and the main process raises the rank's
+    NonFiniteError. Skipping a batch is refused up front: Lightning cannot skip a distributed step."""
+    from comalkit_plugins.data.preferences import SAMPLE_TRAIN
+    from comalkit_plugins.models.tiny import TinyModel
+
+    from comalkit.policy import LoraSettings
+    from comalkit.preference_data import load_preferences
+    from comalkit.registry import registry
+    from comalkit.training import NonFiniteError, fit, precompute_logps
+
+    registry.load_entry_points()
+    dpo = registry.get("solver", "dpo")()
+    policy = TinyModel(max_length=160, max_prompt_length=96, lora=LoraSettings(enabled=True, r=4)).build()
+    records = precompute_logps(policy, load_preferences(SAMPLE_TRAIN)[:4], dpo)
+    records[1]["ref_chosen"] = float("inf")  # DPO loss of pair 1: -log sigmoid(-inf) = inf
+    cfg = {
+        "accelerator": "cpu",
+        "precision": "32-true",
+        "batch_size": 2,
+        "shuffle": False,
+        "devices": 2,
+        "strategy": "ddp",
+        "enable_progress_bar": False,
+    }
+    with pytest.raises(NonFiniteError, match="training stopped at epoch 0, step 0: the loss is nan"):
+        fit(policy, dpo, records, cfg, tmp_path)
+    with pytest.raises(ConfigError, match="trainer.on_nonfinite=skip: Lightning cannot skip"):
+        fit(policy, dpo, records, dict(cfg, on_nonfinite="skip"), tmp_path)
