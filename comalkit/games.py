@@ -376,8 +376,8 @@ GAP_TOL = 1e-8
 CHECK_EVERY = 100
 #: On CPU, batches of at most this many matrix entries (B·n²) run on numpy when the solver
 #: allows it (``numpy_update``): a torch op costs ~3 µs of dispatch against ~1 µs in numpy,
-#: and on games this small the dispatch is the whole cost (docs/games.md, "Speed").
-NUMPY_MAX_ENTRIES = 1 << 12
+#: and single-threaded numpy stayed ahead of torch up to about 2.5M entries (docs/games.md, "Speed").
+NUMPY_MAX_ENTRIES = 1 << 20
 BACKENDS = ("auto", "numpy", "torch")
 #: With ``record_every=0``, every iteration is recorded up to this one, then every 10th up to
 #: ten times it, every 100th up to a hundred times it, and so on (a few thousand records).

@@ -379,8 +379,8 @@ def test_backend_choice():
     assert (
         run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], solver, reference, 5, device="cpu").backend == "numpy"
     )
-    big = np.tile(np.array(PAPER3), (1000, 1, 1))  # 9,000 matrix entries: torch
-    assert run_dynamics(big, [0.2, 0.5, 0.3], solver, reference, 5, device="cpu").backend == "torch"
+    big, uniform = np.full((500, 50, 50), 0.5), np.full((500, 50), 0.02)  # 1.25M matrix entries: torch
+    assert run_dynamics(big, uniform, solver, reference, 5, nash=uniform, device="cpu").backend == "torch"
     sppo, _ = build("sppo", "fixed")  # its Lambert-W update is torch-only
     assert (
         run_dynamics(np.array(PAPER3), [0.2, 0.5, 0.3], sppo, reference, 5, device="cpu").backend == "torch"
