@@ -232,5 +232,8 @@ class Sampler(ABC):
         ``temperature=0`` decodes greedily; ``progress`` names a progress bar (terminal only).
         """
 
+    def sleep(self) -> None:  # noqa: B027 - optional hook
+        """Free the device for training (vLLM's sleep mode); the next :meth:`sample` wakes it."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engines and temporary files; the sampler may be used again afterwards."""

@@ -62,7 +62,8 @@ KEEP_ADAPTERS = 4
 @plugin("sampler", "vllm")
 @dataclass
 class VLLMSampler(Sampler):
-    """A vLLM ``LLM`` engine in this process's control (see the module docstring)."""
+    """Samples through a vLLM engine started once per run: the policy's prompt ids, stop token and
+    tokenizer, its current LoRA adapter as a ``LoRARequest`` (docs/sampling.md)."""
 
     model: str = param("", help="local HF model directory for the engine; '': the policy's base model's")
     dtype: str = param(
