@@ -108,7 +108,9 @@ def plot_progress(rows: Sequence[dict], path: str | Path) -> Path:
             if points:
                 ax.plot(*zip(*points), marker="o", label=key)
         for n, move in enumerate(moves):
-            ax.axvline(move, color="tab:purple", linestyle=":", linewidth=1.2, label="μ ← π" if n == 0 else None)
+            ax.axvline(
+                move, color="tab:purple", linestyle=":", linewidth=1.2, label="μ ← π" if n == 0 else None
+            )
         if keys[0].startswith("win_rate"):
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         if keys[0].startswith("win_rate") or (i == 1 and moves):

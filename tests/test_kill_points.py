@@ -2,11 +2,11 @@
 
 ``COMALKIT_FAULT=<stage>:<point>@<iteration>`` makes the process send itself SIGKILL exactly at
 that point (comalkit/stages.py). For every point of the initial stage and of every stage of
-iteration 2 (which resumes μ and the policy from iteration 1), plus the writes that end an
-iteration: the killed run, then a rerun, must end with a final checkpoint and stage files
-byte-identical to an uninterrupted run, no committed stage rewritten, and no temporary file
-left. Runs are forked from a forkserver that has imported torch, transformers and Lightning
-once, so a run costs seconds, not a Python start-up.
+iteration 2 (which resumes μ and the policy from iteration 1), and of the writes that end it,
+the killed run, then a rerun, must end with a final checkpoint and stage files byte-identical
+to an uninterrupted run, no committed stage rewritten, and no temporary file left. Runs are forked from a forkserver that has imported torch, transformers and Lightning,
+loaded the plugins and composed the config once (tests/kill_worker.py), so a run costs about
+a second, not a Python start-up.
 """
 
 from __future__ import annotations
@@ -19,23 +19,10 @@ import shutil
 import signal
 from pathlib import Path
 
+import kill_worker
 import pytest
 
 from comalkit.outputs import read_metrics
-
-TINY = [
-    "model=tiny",
-    "oracle=rule",
-    "trainer=fast",
-    "trainer.max_steps=2",
-    "task.iterations=2",
-    "task.samples_per_prompt=3",
-    "task.max_new_tokens=8",
-    "task.eval_prompts=2",
-    "data.split_size=3",
-    "reference.period=1",
-    "reference.strengths=[0.5,0.1]",
-]
 
 
 def _stage_points(stage: str, files: list[str], iteration: str) -> list[str]:
@@ -69,54 +56,44 @@ def _iteration_points(k: int) -> list[str]:
 INITIAL = _stage_points("initial", ["policy.safetensors", "eval.json"], "initial")
 #: every point an uninterrupted run passes, in order
 ALL_POINTS = INITIAL + _iteration_points(0) + _iteration_points(1)
-#: the points killed: the initial stage, all of iteration 2 (k=1), and iteration 1's end
-KILLED = INITIAL + _iteration_points(1) + [p for p in _iteration_points(0) if p.startswith("iteration:")]
+#: the points killed: the initial stage, all of iteration 2 (k=1), and iteration 1 just before
+#: its state.json (a resume that finds every stage of its first iteration but no state)
+KILLED = [*INITIAL, *_iteration_points(1), "iteration:before-commit@0"]
 #: killed runs of iteration 2 start from a copy of a run that stopped right after iteration 1
 AFTER_FIRST = "iteration:after-commit@0"
 
 
-def _job(overrides: list[str], out: str, fault: str | None, trace: str | None) -> None:
-    """One run in a forked child, output to ``<out>.log``."""
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ.pop("COMALKIT_FAULT", None)
-    os.environ.pop("COMALKIT_FAULT_TRACE", None)
-    if fault:
-        os.environ["COMALKIT_FAULT"] = fault
-    if trace:
-        os.environ["COMALKIT_FAULT_TRACE"] = trace
-    fd = os.open(out + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    from comalkit.testing import run_job
-
-    run_job(overrides, out)
-
-
 _CTX = multiprocessing.get_context("forkserver")
-_CTX.set_forkserver_preload(
-    [
-        "torch",
-        "transformers",
-        "lightning",
-        "peft",
-        "hydra",
-        "matplotlib.figure",
-        "matplotlib.backends.backend_agg",
-        "matplotlib.font_manager",
-        "PIL.PngImagePlugin",
-        "comalkit.testing",
-        "comalkit.training",
-        "comalkit.loop",
-        "comalkit.__main__",
-    ]
-)
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver with tests/ importable and the warm-up on (tests/kill_worker.py).
+
+    The forkserver does not apply the parent's sys.path before its preload, so tests/ goes in
+    through PYTHONPATH, set only while the server starts. If another test started a forkserver
+    already, the runs still work, each composing its own config.
+    """
+    from multiprocessing import forkserver
+
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "COMALKIT_KILL_WORKER")}
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved["PYTHONPATH"]) if p)
+    os.environ["COMALKIT_KILL_WORKER"] = "1"
+    _CTX.set_forkserver_preload(["kill_worker"])
+    try:
+        forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run(out: Path, fault: str | None = None, trace: Path | None = None) -> int:
     """Run the tiny job into ``out`` in a forked child; its exit code (−9: killed by SIGKILL)."""
-    proc = _CTX.Process(target=_job, args=(TINY, str(out), fault, str(trace) if trace else None))
+    _start_forkserver()
+    proc = _CTX.Process(target=kill_worker.job, args=(str(out), fault, str(trace) if trace else None))
     proc.start()
     proc.join()
     return proc.exitcode
