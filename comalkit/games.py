@@ -460,6 +460,8 @@ class _Recorder:
 
     def __init__(self, m: Tensor, nash: Tensor, keep_policies: bool, on_numpy: bool) -> None:
         self.m, self.nash, self.on_numpy = m, nash, on_numpy
+        if on_numpy:
+            self.m_np, self.nash_np = m.cpu().numpy(), nash.cpu().numpy()
         shape = (self.CHUNK, *nash.shape)
         self.buffer = np.empty(shape) if on_numpy else torch.empty(shape, dtype=m.dtype, device=m.device)
         self.steps: list[int] = []
@@ -478,11 +480,16 @@ class _Recorder:
         if not self.pending:
             return
         chunk = self.buffer[: self.pending]
-        chunk = torch.from_numpy(chunk.copy()) if self.on_numpy else chunk
-        for key, value in game_metrics(self.m.unsqueeze(0), chunk, self.nash).items():
-            self.metrics.setdefault(key, []).append(value.cpu())
+        if self.on_numpy:  # no torch op: torch's idle worker threads would spin on the CPU
+            values = {
+                k: torch.from_numpy(v) for k, v in _metrics_numpy(self.m_np, chunk, self.nash_np).items()
+            }
+        else:
+            values = {k: v.cpu() for k, v in game_metrics(self.m.unsqueeze(0), chunk, self.nash).items()}
+        for key, value in values.items():
+            self.metrics.setdefault(key, []).append(value)
         if self.policies is not None:
-            self.policies.append(chunk.exp().cpu())
+            self.policies.append(torch.from_numpy(np.exp(chunk)) if self.on_numpy else chunk.exp().cpu())
         self.pending = 0
 
     def result(self) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
@@ -490,6 +497,19 @@ class _Recorder:
         metrics = {key: torch.cat(chunks) for key, chunks in self.metrics.items()}
         policies = torch.cat(self.policies) if self.policies is not None else None
         return torch.tensor(self.steps), metrics, policies
+
+
+def _metrics_numpy(m: np.ndarray, logp: np.ndarray, nash: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`game_metrics` on numpy arrays (``m`` ``[B, n, n]``, ``logp`` ``[R, B, n]``)."""
+    policy = np.exp(logp)
+    diff = policy - nash
+    safe = np.where(nash > 0, nash, 1.0)
+    return {
+        "gap": 2.0 * np.matmul(m, policy[..., None])[..., 0].max(-1) - 1.0,
+        "kl_to_nash": np.where(nash > 0, nash * (np.log(safe) - logp), 0.0).sum(-1),
+        "l2_to_nash": np.sqrt((diff * diff).sum(-1)),
+        "l1_to_nash": np.abs(diff).sum(-1),
+    }
 
 
 class _ArraySnapshot(Mapping):
