@@ -23,7 +23,7 @@ BASE = [
     "task.samples_per_prompt=3",
     "task.max_new_tokens=8",
     "task.eval_prompts=2",
-    "data.split_size=3",
+    "data.split_size=4",
     "reference.strengths=[0.5,0.1]",
 ]
 TINY = [*BASE, "task.iterations=4"]
