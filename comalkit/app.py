@@ -150,23 +150,6 @@ def _check_ignored(cfg: DictConfig) -> None:
             list(strengths),
             solver.beta,
         )
-    task = cfg.get("task")
-    if isinstance(task, DictConfig) and "logp_batch_size" in task:
-        overridden = [
-            o for o in _task_overrides() if o.split("=", 1)[0].lstrip("+") == "trainer.logps_batch_size"
-        ]
-        if overridden:
-            raise ConfigError(
-                f"{overridden[0]} has no effect with this task, which reads task.logp_batch_size "
-                f"({task.logp_batch_size}); set task.logp_batch_size instead"
-            )
-
-
-def _task_overrides() -> list[str]:
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # not inside a Hydra job
-        return []
 
 
 def fingerprint(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

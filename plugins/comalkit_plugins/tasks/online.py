@@ -36,7 +36,6 @@ class OnlineTask(Task):
     top_p: float = param(0.95, gt=0.0, le=1.0, help="nucleus sampling (the paper: 0.95)")
     max_new_tokens: int = param(48, ge=1, help="response length limit")
     sample_batch_size: int = param(16, ge=1, help="sequences per generate call")
-    logp_batch_size: int = param(8, ge=1, help="sequences per log-prob forward pass")
     eval_prompts: int = param(8, ge=0, help="held-out prompts for per-iteration win rates (0: skip)")
 
     def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
@@ -66,7 +65,7 @@ class OnlineTask(Task):
             top_p=self.top_p,
             max_new_tokens=self.max_new_tokens,
             sample_batch_size=self.sample_batch_size,
-            logp_batch_size=self.logp_batch_size,
+            logp_batch_size=trainer.logps_batch_size,  # one name for online and offline runs
             eval_prompts=self.eval_prompts,
             seed=int(cfg.seed),
         )
