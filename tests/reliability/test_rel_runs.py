@@ -61,7 +61,10 @@ def test_rerun_with_another_config_is_refused_and_changes_nothing(change, needle
 def test_results_neutral_keys_may_change_on_resume(tmp_path):
     out = tmp_path / "run"
     run_job(SYNTHETIC, out)
-    run_job([*SYNTHETIC[:1], "task.iterations=30", "task.plots=true", "task.device=cpu"], out)
+    run_job(
+        ["experiment=synthetic", "task.tol=0", "task.iterations=30", "task.plots=true", "task.device=cpu"],
+        out,
+    )
     rows = read_metrics(out / "metrics.jsonl")
     assert (
         len(rows) == 31
@@ -188,7 +191,7 @@ def _run_until(args: list[str], marker: str, signum: int) -> subprocess.Complete
         (
             signal.SIGINT,
             130,
-            ["experiment=synthetic", "task.iterations=2000000", "task.plots=false"],
+            ["experiment=synthetic", "task.iterations=2000000", "task.tol=0", "task.plots=false"],
             "iterations",
         ),
     ],
