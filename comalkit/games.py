@@ -13,7 +13,7 @@ only (no plugin is imported here):
   :class:`~comalkit.interfaces.SubgameSolver` with any
   :class:`~comalkit.interfaces.ReferenceUpdater` on a ``[B, n]`` batch of games.
 
-Formulas follow ``shared/algorithms.md`` (the COMAL paper: Liu et al. 2025, "COMAL: A Convergent
+Formulas follow the COMAL paper (Liu et al. 2025, "COMAL: A Convergent
 Meta-Algorithm for Aligning LLMs with General Preferences").
 """
 
