@@ -246,8 +246,19 @@ def test_engine_reports_divergence():
 # ---------------------------------------------------------------------------------------------
 def random_games(family: str, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Four seeded ``game=random`` games (decisive preferences, scale 2), all with a mixed Nash policy."""
-    game = instantiate(compose(["experiment=synthetic", "game=random", f"game.family={family}",
-                                f"game.size={size}", f"game.seed={seed}", "game.count=4", "game.scale=2"]).game)  # fmt: skip
+    game = instantiate(
+        compose(
+            [
+                "experiment=synthetic",
+                "game=random",
+                f"game.family={family}",
+                f"game.size={size}",
+                f"game.seed={seed}",
+                "game.count=4",
+                "game.scale=2",
+            ]
+        ).game
+    )
     batch = game.build()
     assert (nash_policy(batch.matrices) > 1e-9).sum(-1).min() >= 3  # the claims are about mixed equilibria
     return batch.matrices, batch.start

@@ -32,8 +32,16 @@ def is_png(path: Path) -> bool:
 def test_the_issue_command_reaches_the_nash_policy(tmp_path):
     """``python -m comalkit experiment=synthetic solver=inpo reference=prox game=paper3 hydra.run.dir=D``."""
     out = tmp_path / "D"
-    cmd = [sys.executable, "-m", "comalkit", "experiment=synthetic", "solver=inpo", "reference=prox",
-           "game=paper3", f"hydra.run.dir={out}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "comalkit",
+        "experiment=synthetic",
+        "solver=inpo",
+        "reference=prox",
+        "game=paper3",
+        f"hydra.run.dir={out}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,9 +121,16 @@ def test_user_matrix_through_game_matrix(tmp_path, fmt):
 
 def test_game_matrix_plugin_with_start(tmp_path):
     summary = run_job(
-        ["experiment=synthetic", "game=matrix", "game.matrix=[[0.5,0.9,0.2],[0.1,0.5,0.8],[0.8,0.2,0.5]]",
-         "game.start=[0.6,0.3,0.1]", "task.iterations=50", "task.plots=false"], tmp_path,
-    )  # fmt: skip
+        [
+            "experiment=synthetic",
+            "game=matrix",
+            "game.matrix=[[0.5,0.9,0.2],[0.1,0.5,0.8],[0.8,0.2,0.5]]",
+            "game.start=[0.6,0.3,0.1]",
+            "task.iterations=50",
+            "task.plots=false",
+        ],
+        tmp_path,
+    )
     assert summary["figures"] == []
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["policy"] == pytest.approx([0.6, 0.3, 0.1], abs=1e-12)
 
@@ -136,9 +151,17 @@ def test_bad_user_input_fails_before_any_work(tmp_path):
 
 def test_random_game_batch_summary(tmp_path):
     summary = run_job(
-        ["experiment=synthetic", "game=random", "game.count=3", "game.size=4", "game.seed=7",
-         "task.iterations=200", "task.record_every=50"], tmp_path,
-    )  # fmt: skip
+        [
+            "experiment=synthetic",
+            "game=random",
+            "game.count=3",
+            "game.size=4",
+            "game.seed=7",
+            "task.iterations=200",
+            "task.record_every=50",
+        ],
+        tmp_path,
+    )
     assert summary["games"] == 3 and len(summary["final_policy"]) == 3 and len(summary["gap_per_game"]) == 3
     assert summary["gap"] == max(summary["gap_per_game"])
     rows = read_metrics(tmp_path / "metrics.jsonl")
