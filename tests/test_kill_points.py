@@ -235,3 +235,26 @@ def test_a_failing_stage_commits_nothing(tmp_path):
     again = run_stage(tmp_path, stage, fails, iteration=0)  # committed: never recomputed
     assert again.reused and again.value == {"a": 1.5} and again.seconds == result.seconds
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["stage.json", "value.json"]
+
+
+def test_a_non_finite_snapshot_is_never_committed(tmp_path):
+    import torch
+
+    from comalkit.stages import NonFiniteError, Stage, check_finite_snapshot, run_stage
+
+    stage = Stage(
+        "train",
+        lambda value, w: w.tensors("policy.safetensors", value),
+        lambda r: r.tensors("policy.safetensors"),
+    )
+
+    def train(scratch: Path):
+        snapshot = {"lora_A": torch.ones(2, 2), "lora_B": torch.tensor([1.0, float("nan"), float("inf")])}
+        check_finite_snapshot(snapshot, "iteration 1: the trained policy")
+        return snapshot
+
+    with pytest.raises(
+        NonFiniteError, match=r"iteration 1: the trained policy: 2 non-finite value\(s\) in lora_B"
+    ):
+        run_stage(tmp_path, stage, train, iteration=0)
+    assert list(tmp_path.iterdir()) == []
