@@ -618,8 +618,9 @@ def build_trainer(
     """A ``lightning.Trainer`` with the ``trainer`` group's settings; metrics go to ``run`` if given.
 
     ``model`` is the policy's network: ``trainer.strategy=fsdp`` wraps its decoder layers
-    (:func:`comalkit.distributed.strategy_for`). With several processes the batches are already
-    sharded (:class:`comalkit.distributed.GlobalBatchSampler`), so Lightning's sampler is off.
+    (:func:`comalkit.distributed.strategy_for`). Lightning's distributed sampler is off: with several
+    processes the batches are already sharded (:class:`comalkit.distributed.GlobalBatchSampler`), and
+    on one device ``strategy=ddp`` then draws the same batches as ``strategy=auto``.
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -654,7 +655,7 @@ def build_trainer(
         callbacks=callbacks,
         logger=[RunLogger(run, step_offset)] if run is not None else False,
         default_root_dir=str(out_dir),
-        use_distributed_sampler=world == 1,
+        use_distributed_sampler=False,  # comalkit shards the batches itself, on every layout
         plugins=list(plugins) or None,
     )
 

@@ -303,3 +303,49 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
         fit(policy, dpo, records, cfg, tmp_path)
     with pytest.raises(ConfigError, match="trainer.on_nonfinite=skip: Lightning cannot skip"):
         fit(policy, dpo, records, dict(cfg, on_nonfinite="skip"), tmp_path)
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+import torch
+from safetensors.torch import save_file
+from comalkit_plugins.data.preferences import SAMPLE_TRAIN
+from comalkit_plugins.models.tiny import TinyModel
+from comalkit.policy import LoraSettings
+from comalkit.preference_data import load_preferences
+from comalkit.registry import registry
+from comalkit.training import fit, precompute_logps
+
+torch.set_num_threads(1)
+registry.load_entry_points()
+out, devices = sys.argv[1], int(sys.argv[2])
+dpo = registry.get("solver", "dpo")()
+policy = TinyModel(max_length=160, max_prompt_length=96, lora=LoraSettings(enabled=True, r=4)).build()
+records = precompute_logps(policy, load_preferences(SAMPLE_TRAIN)[:7], dpo)
+cfg = {"accelerator": "cpu", "precision": "32-true", "batch_size": 2, "max_epochs": 2, "lr": 0.5,
+       "devices": devices, "strategy": "ddp", "enable_progress_bar": False,
+       "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True}}
+fit(policy, dpo, records, cfg, out)
+if int(os.environ.get("RANK", "0")) == 0:
+    save_file(policy.snapshot(), os.path.join(out, "adapter.safetensors"))
+"""
+
+
+def test_under_torchrun_each_process_trains_as_one_rank(tmp_path: Path) -> None:
+    """The several-node path: torchrun starts the ranks, fit sees the launcher and trains in place
+    (same global batches, linear schedule, shuffling on); the result equals one process."""
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    from comalkit.distributed import _free_port
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun += ["--master-port", str(_free_port())]
+    for cmd, out in (([sys.executable], tmp_path / "one"), (torchrun, tmp_path / "two")):
+        out.mkdir()
+        devices = "1" if out.name == "one" else "2"
+        args = [*cmd, str(script), str(out), devices]
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    adapters = [load_file(tmp_path / d / "adapter.safetensors") for d in ("one", "two")]
+    assert max_difference(*adapters) < TOL and trained_lora(adapters[1])
