@@ -35,7 +35,7 @@ def test_submitit_local_runs_jobs_and_keeps_their_logs(tmp_path):
 
 
 def test_slurm_launcher_takes_its_layout_from_the_trainer():
-    """SLURM itself is not here: the composed launcher must ask for one task and one GPU per device."""
+    """SLURM itself is not here: one task per job (comalkit starts the ranks), one GPU per device."""
     cmd = [
         sys.executable,
         "-m",
@@ -48,4 +48,4 @@ def test_slurm_launcher_takes_its_layout_from_the_trainer():
     assert proc.returncode == 0, proc.stderr[-3000:]
     launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("SlurmLauncher")
-    assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (4, 4, 2)
+    assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (1, 4, 1)
