@@ -11,9 +11,9 @@ tokenizer without special tokens. docs/sampling.md has the details and the measu
   and sampled through a ``LoRARequest`` with a new integer id; an adapter whose weights were
   already saved is reused by content, and an all-zero adapter (a fresh LoRA) samples the
   base model directly, which is the same distribution.
-* **Full fine-tune.** The engine starts on a saved copy of the current weights; when they
-  change, the new weights are pushed into the running engine (a worker method,
-  :mod:`comalkit_plugins.samplers.vllm_worker`), no restart.
+* **Full fine-tune.** The engine runs on a saved copy of the current weights and restarts on
+  a new copy when they change (vLLM's CPU build repacks linear weights at load time, so they
+  cannot be pushed into a running engine).
 * **Seeds.** A per-request seed crashes vLLM's CPU worker, so every call reseeds the
   worker's global generators with ``seed`` first: one call with the same seed, inputs and
   engine settings draws the same responses, whatever ran before it.
@@ -215,14 +215,19 @@ class VLLMSampler(Sampler):
                 return None  # B = 0: the adapter is the identity, the base model is the same policy
             return self._adapter(policy, snapshot, weights)
         fingerprint = _fingerprint(weights)
-        if self._llm is None or self._engine_key is None or self._engine_key[1] is not None:
-            path = self._work() / "full_model"
+        if self._engine_key is None or self._engine_key[1] is not None or fingerprint != self._full_weights:
+            # the CPU build repacks linear weights at load time, so they cannot be pushed in place:
+            # the engine restarts on a saved copy of the new weights
+            old = (
+                self._engine_key[0] if self._engine_key is not None and self._engine_key[1] is None else None
+            )
+            path = self._work() / f"full_model_{self._next_id:04d}"
+            self._next_id += 1
             with policy.using(snapshot):
                 policy.save_checkpoint(path)
             self._start(policy, path, lora_rank=None)
-        elif fingerprint != self._full_weights:
-            self.wake_up()
-            self._push_weights(weights)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         self.wake_up()
         self._full_weights = fingerprint
         return None
@@ -247,15 +252,6 @@ class VLLMSampler(Sampler):
             self._llm.llm_engine.remove_lora(old.lora_int_id)
             shutil.rmtree(old.lora_path, ignore_errors=True)
         return request
-
-    def _push_weights(self, weights: Snapshot) -> None:
-        from safetensors.torch import save_file
-
-        path = self._work() / "pushed_weights.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path))
-        self._llm.collective_rpc("comalkit_load_weights", args=(str(path),))
-        self._llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
-        path.unlink()
 
     def _base_dir(self, policy: Any) -> Path:
         if self.model:

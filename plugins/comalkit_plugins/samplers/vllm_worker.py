@@ -7,11 +7,9 @@ import and must not import vLLM at the top: the plugin loader imports it in ever
 
 from __future__ import annotations
 
-from typing import Any
-
 
 class ComalkitWorkerExtension:
-    """Per-call reseeding and in-place weight loading for :mod:`comalkit_plugins.samplers.vllm`."""
+    """Per-call reseeding for :mod:`comalkit_plugins.samplers.vllm`."""
 
     def comalkit_reseed(self, seed: int) -> None:
         """Seed the worker's global generators: vLLM draws every request's noise from them
@@ -24,13 +22,3 @@ class ComalkitWorkerExtension:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)  # every device's default generator too
-
-    def comalkit_load_weights(self, path: str) -> int:
-        """Load a full model's weights from a safetensors file into the running model, in place
-        (a full fine-tune's new weights; no engine restart). Returns the number of tensors."""
-        from safetensors.torch import load_file
-
-        weights: dict[str, Any] = load_file(path)
-        model: Any = self.model_runner.model  # type: ignore[attr-defined]
-        model.load_weights(weights.items())
-        return len(weights)
