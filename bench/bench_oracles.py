@@ -93,7 +93,7 @@ def main() -> None:
         "--repeats", type=int, default=3, help="timings per oracle; the best counts (default 3)"
     )
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
-    parser.add_argument("--only", help="time only the oracles whose name contains this text")
+    parser.add_argument("--only", nargs="+", help="time only the oracles whose name contains one of these")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,7 +127,7 @@ def main() -> None:
             ("llm_judge likelihood (gemma3-270m)", lambda: build("llm_judge", judge="gemma3-270m"), lm_work)
         )
     if args.only:
-        cases = [case for case in cases if args.only in case[0]]
+        cases = [case for case in cases if any(text in case[0] for text in args.only)]
     print(
         f"torch threads: {args.threads}; best of {args.repeats}; candidates per prompt: rules 8, http 6, LM judges 4"
     )
