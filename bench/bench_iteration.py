@@ -84,7 +84,7 @@ def bench_iteration(args) -> dict:
         run_job([
             "task.iterations=1", f"task.samples_per_prompt={args.samples}", f"data.split_size={args.prompts}",
             f"task.max_new_tokens={args.max_new_tokens}", f"task.eval_prompts={args.eval_prompts}",
-            f"task.sample_batch_size={args.batch_size}",
+            f"sampler.batch_size={args.batch_size}",
         ], out)  # fmt: skip
         wall = time.perf_counter() - t0
         row = read_metrics(f"{out}/metrics.jsonl")[0]

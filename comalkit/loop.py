@@ -37,7 +37,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from comalkit.interfaces import PreferenceOracle, ReferenceUpdater, RunContext, Snapshot, SubgameSolver
+from comalkit.interfaces import (
+    PreferenceOracle,
+    ReferenceUpdater,
+    RunContext,
+    Sampler,
+    Snapshot,
+    SubgameSolver,
+)
 from comalkit.outputs import read_metrics, write_json
 from comalkit.plots import plot_progress
 from comalkit.stages import (
@@ -158,7 +165,6 @@ class LoopSettings:
     temperature: float
     top_p: float
     max_new_tokens: int
-    sample_batch_size: int
     logp_batch_size: int
     eval_prompts: int
     seed: int = 0
@@ -180,6 +186,7 @@ class MetaLoop:
     """
 
     policy: Any
+    sampler: Sampler
     solver: SubgameSolver
     oracle: PreferenceOracle
     reference_updater: ReferenceUpdater
@@ -310,14 +317,14 @@ class MetaLoop:
     def _generate(self, prompts: list[str], n: int, seed: int, progress: str | None) -> list[list[str]]:
         """The one call to the policy's sampler (sampling and evaluation), so a sampler can be swapped."""
         s = self.settings
-        return self.policy.sample(
+        return self.sampler.sample(
+            self.policy,
             prompts,
             n,
             temperature=s.temperature,
             top_p=s.top_p,
             max_new_tokens=s.max_new_tokens,
             seed=seed,
-            batch_size=s.sample_batch_size,
             progress=progress,
         )
 
@@ -372,6 +379,7 @@ class MetaLoop:
         from comalkit.training import fit
 
         log.info("iteration %d: train on %d pairs ...", k + 1, len(records))
+        self.sampler.sleep()  # vLLM's sleep mode frees the device for training; the next sample wakes it
         lightning.seed_everything(stage_seed(self.settings.seed, k, "train"), workers=True, verbose=False)
         metrics = fit(self.policy, self.solver, records, self.trainer, scratch / "trainer")
         metrics.pop("seconds", None)  # the stage's manifest keeps its time; its files stay reproducible

@@ -171,7 +171,7 @@ def test_evaluate_task_end_to_end_on_tiny_checkpoints(tmp_path: Path, monkeypatc
     overrides = [
         "experiment=evaluate", "model=tiny", "oracle=rule", "task.include_initial=true",
         f"task.checkpoints=[{tmp_path / 'runA'},{tmp_path / 'runB'}]",
-        "task.max_prompts=2", "task.max_new_tokens=4", "task.batch_size=8",
+        "task.max_prompts=2", "task.max_new_tokens=4", "sampler.batch_size=8",
     ]  # fmt: skip
     out = tmp_path / "eval"
     summary = run_job(overrides, out)

@@ -95,7 +95,6 @@ class EvaluateTask(Task):
     temperature: float = param(0.7, ge=0.0, help="sampling temperature (0: greedy); COMAL's eval uses 0.7")
     top_p: float = param(0.95, gt=0.0, le=1.0, help="nucleus sampling")
     max_new_tokens: int = param(96, ge=1, help="response length limit")
-    batch_size: int = param(16, ge=1, help="sequences per generate call")
     seed: int | None = param(None, help="sampling seed shared by all checkpoints; default: the run's seed")
 
     def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
@@ -106,15 +105,19 @@ class EvaluateTask(Task):
         prompts = self._prompts(cfg)
         oracle = CachedOracle(instantiate(cfg.oracle), Path(run.out_dir) / "oracle_cache.sqlite")
         model = instantiate(cfg.model)
+        sampler = instantiate(cfg.sampler)
         seed = int(cfg.get("seed", 0)) if self.seed is None else self.seed
         responses = {}
-        for step, (name, path) in enumerate(contestants.items()):
-            responses[name] = self._responses(model, name, path, prompts, seed, Path(run.out_dir))
-            lengths = [len(r) for rs in responses[name] for r in rs]
-            run.log({"checkpoint": name, "response_chars": sum(lengths) / len(lengths)}, step)
         try:
+            for step, (name, path) in enumerate(contestants.items()):
+                responses[name] = self._responses(
+                    model, sampler, name, path, prompts, seed, Path(run.out_dir)
+                )
+                lengths = [len(r) for rs in responses[name] for r in rs]
+                run.log({"checkpoint": name, "response_chars": sum(lengths) / len(lengths)}, step)
             result = round_robin(oracle, prompts, responses)
         finally:
+            sampler.close()
             oracle.close()
         sources = {
             n: str(p) if p else f"model={current_choice('model')} (untrained)" for n, p in contestants.items()
@@ -162,14 +165,26 @@ class EvaluateTask(Task):
 
     # -- sampling -------------------------------------------------------------------------------
     def _responses(
-        self, model: Any, name: str, path: Path | None, prompts: list[str], seed: int, out_dir: Path
+        self,
+        model: Any,
+        sampler: Any,
+        name: str,
+        path: Path | None,
+        prompts: list[str],
+        seed: int,
+        out_dir: Path,
     ) -> list[list[str]]:
         """Sampled responses of one contestant, read back when a rerun asks for the same ones."""
         settings = {
             "source": [str(path), _modified(path)] if path else f"{INITIAL}: {model!r}",
-            "n": self.samples_per_prompt, "temperature": self.temperature, "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens, "seed": seed, "prompts": prompts,
-        }  # fmt: skip
+            "n": self.samples_per_prompt,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": seed,
+            "prompts": prompts,
+            "sampler": type(sampler).__name__,
+        }
         file = out_dir / "responses" / f"{name.replace('/', '__')}.json"
         if file.is_file():
             saved = json.loads(file.read_text())
@@ -178,10 +193,16 @@ class EvaluateTask(Task):
                 return saved["responses"]
         log.info("%s: sampling %d x %d responses", name, len(prompts), self.samples_per_prompt)
         policy = load_policy(model, path)
-        responses = policy.sample(
-            prompts, self.samples_per_prompt, temperature=self.temperature, top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.batch_size, progress=name,
-        )  # fmt: skip
+        responses = sampler.sample(
+            policy,
+            prompts,
+            self.samples_per_prompt,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            seed=seed,
+            progress=name,
+        )
         del policy
         gc.collect()
         write_json(file, {"settings": settings, "responses": responses})

@@ -35,7 +35,6 @@ class OnlineTask(Task):
     temperature: float = param(0.8, gt=0.0, help="sampling temperature (the paper: 0.8)")
     top_p: float = param(0.95, gt=0.0, le=1.0, help="nucleus sampling (the paper: 0.95)")
     max_new_tokens: int = param(48, ge=1, help="response length limit")
-    sample_batch_size: int = param(16, ge=1, help="sequences per generate call")
     eval_prompts: int = param(8, ge=0, help="held-out prompts for per-iteration win rates (0: skip)")
 
     def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
@@ -58,19 +57,20 @@ class OnlineTask(Task):
         trainer = trainer_config(cfg.trainer)
         oracle = CachedOracle(instantiate(cfg.oracle), run.out_dir / "oracle_cache.sqlite")
         policy = instantiate(cfg.model).build()
+        sampler = instantiate(cfg.sampler)
         settings = LoopSettings(
             iterations=self.iterations,
             samples_per_prompt=self.samples_per_prompt,
             temperature=self.temperature,
             top_p=self.top_p,
             max_new_tokens=self.max_new_tokens,
-            sample_batch_size=self.sample_batch_size,
             logp_batch_size=trainer.logps_batch_size,  # one name for online and offline runs
             eval_prompts=self.eval_prompts,
             seed=int(cfg.seed),
         )
         loop = MetaLoop(
             policy=policy,
+            sampler=sampler,
             solver=solver,
             oracle=oracle,
             reference_updater=reference_updater,
@@ -83,6 +83,8 @@ class OnlineTask(Task):
         try:
             summary = loop.execute()
         finally:
+            sampler.close()
             oracle.close()
+        summary["sampler"] = current_choice("sampler")
         summary["oracle"] = oracle.diagnostics()
         return summary
