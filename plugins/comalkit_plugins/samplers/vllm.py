@@ -27,6 +27,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -181,7 +182,8 @@ class VLLMSampler(Sampler):
         outputs = self._llm.generate(
             [TokensPrompt(prompt_token_ids=row) for row in rows],
             params,
-            use_tqdm=_progress_bar(progress) if progress else False,
+            # a disabled tqdm (no terminal) has no elapsed time, and vLLM divides by it
+            use_tqdm=_progress_bar(progress) if progress and sys.stderr.isatty() else False,
             lora_request=lora_request,
         )
         return [[list(c.token_ids) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
