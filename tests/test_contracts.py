@@ -116,9 +116,10 @@ def test_policy_sampling_contract(tiny_policy, one_thread):
 
 @pytest.mark.parametrize("name", registry.names("sampler"))
 def test_builtin_sampler_contract(name, tiny_policy, one_thread):
-    """Sampler plugins drive the tiny policy; vLLM's needs vLLM installed and skips without it."""
+    """Sampler plugins drive the tiny policy. vLLM's engine loads a model directory, which the
+    in-memory tiny model has not: it passes the same check on SmolLM2 in tests/test_samplers.py."""
     if name == "vllm":
-        pytest.importorskip("vllm")
+        pytest.skip("vLLM needs a model directory; checked on SmolLM2 in tests/test_samplers.py")
     sampler = registry.get("sampler", name)()
     try:
         check_sampler(sampler, policy=tiny_policy, n=2, max_new_tokens=6)

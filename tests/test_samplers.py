@@ -14,7 +14,7 @@ from comalkit_plugins.samplers.hf import HFSampler
 from comalkit.models import tiny_causal_lm
 from comalkit.policy import LMPolicy, LoraSettings
 from comalkit.registry import ConfigError, instantiate, validate
-from comalkit.testing import compose
+from comalkit.testing import check_sampler, compose
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Name three primary colours."]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -100,6 +100,7 @@ def test_vllm_returns_n_responses_within_length_and_stop(smollm2):
     texts = sampler.sample(policy, PROMPTS, 3, **settings)  # the same seed draws the same ids again
     assert texts == [policy.tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in ids]
     assert all("<|im_end|>" not in t for rows in texts for t in rows)
+    check_sampler(sampler, policy=policy, n=2, max_new_tokens=6)  # the plugin contract suite
 
 
 @pytest.mark.slow
