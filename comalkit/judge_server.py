@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -261,11 +262,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     oracle = build_oracle(args.overrides)
     service = JudgeService(oracle, JudgePrompt.load(args.template), args.labels, args.model_name)
     server = JudgeServer(service, args.host, args.port, api_key)
-    log.info("serving %s at %s (Ctrl-C stops)", oracle.identity(), server.url)
+    log.info("serving %s at %s (Ctrl-C or SIGTERM stops)", oracle.identity(), server.url)
+    stop = threading.Event()
+    # explicit handlers: a process started in the background by a shell inherits SIGINT ignored
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
         server.close()
         oracle.close()
