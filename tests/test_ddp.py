@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from run_overrides import ONE_SMALL_ITERATION
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -48,11 +49,7 @@ ONLINE = [
     "oracle=rule",
     "trainer=fast",
     *SGD,
-    "task.iterations=1",
-    "task.samples_per_prompt=3",
-    "task.max_new_tokens=8",
-    "task.eval_prompts=2",
-    "data.split_size=3",
+    *ONE_SMALL_ITERATION,
 ]
 DDP2 = ["trainer.strategy=ddp", "trainer.devices=2"]  # on top of trainer=fast: only the layout changes
 

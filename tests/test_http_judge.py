@@ -30,6 +30,7 @@ import torch
 from comalkit_plugins.oracles.http_judge import HttpJudge, JudgeRequestError, label_probability
 from comalkit_plugins.oracles.rule import RuleOracle
 from omegaconf import OmegaConf
+from run_overrides import ONE_SMALL_ITERATION
 
 from comalkit.env_keys import check_key_overrides
 from comalkit.interfaces import Comparison, PreferenceOracle
@@ -329,11 +330,7 @@ ONE_ITERATION = [
     "oracle=http_judge",
     "logger=wandb",
     "trainer=fast",
-    "task.iterations=1",
-    "task.samples_per_prompt=3",
-    "task.max_new_tokens=8",
-    "task.eval_prompts=2",
-    "data.split_size=3",
+    *ONE_SMALL_ITERATION,
     "reference.strengths=[0.5]",
 ]
 

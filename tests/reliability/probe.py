@@ -15,21 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from run_overrides import TINY_ONLINE as TINY_ONLINE  # re-exported: the reliability tests import it from here
 
 from comalkit.app import report
 from comalkit.testing import compose, run_job
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_ONLINE = [
-    "model=tiny",
-    "oracle=rule",
-    "trainer=fast",
-    "task.iterations=1",
-    "task.samples_per_prompt=3",
-    "task.max_new_tokens=8",
-    "task.eval_prompts=2",
-    "data.split_size=3",
-]
 TINY_OFFLINE = [
     "experiment=offline",
     "model=tiny",

@@ -1,0 +1,15 @@
+"""Override lists shared by the tests that run whole jobs: one place for the smallest online run.
+
+Imported as ``run_overrides`` (pytest puts ``tests/`` on ``sys.path`` through its conftest).
+"""
+
+#: one online iteration small enough for the fast tier: 3 prompts × 3 responses of 8 tokens, 2 held out
+ONE_SMALL_ITERATION = [
+    "task.iterations=1",
+    "task.samples_per_prompt=3",
+    "task.max_new_tokens=8",
+    "task.eval_prompts=2",
+    "data.split_size=3",
+]
+#: that iteration on the tiny random model, judged by the rule oracle, with the fast trainer
+TINY_ONLINE = ["model=tiny", "oracle=rule", "trainer=fast", *ONE_SMALL_ITERATION]
