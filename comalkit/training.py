@@ -343,9 +343,16 @@ def lean_sequence_logps(
         rows, cols = target_mask[:, : last + 1].nonzero(as_tuple=True)
         states, targets = hidden[rows, cols], input_ids[rows, cols + 1]
         pieces = [
-            checkpoint(_token_logps, states[i : i + chunk], targets[i : i + chunk], head.weight, head.bias, use_reentrant=False)
+            checkpoint(
+                _token_logps,
+                states[i : i + chunk],
+                targets[i : i + chunk],
+                head.weight,
+                head.bias,
+                use_reentrant=False,
+            )
             for i in range(0, len(targets), chunk)
-        ]  # fmt: skip
+        ]
     token_logps = torch.cat(pieces)
     summed = torch.zeros(len(input_ids), dtype=token_logps.dtype, device=device).index_add(
         0, rows, token_logps
@@ -425,9 +432,12 @@ class PreferenceModule(L.LightningModule):
                 generator=generator,
             )
         return DataLoader(
-            list(records), batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
-            shuffle=train and self.cfg.shuffle, collate_fn=self.collate, generator=generator,
-        )  # fmt: skip
+            list(records),
+            batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
+            shuffle=train and self.cfg.shuffle,
+            collate_fn=self.collate,
+            generator=generator,
+        )
 
     def collate_scaled(self, items: Sequence[tuple[PreferenceRecord, float]]) -> dict[str, Tensor]:
         """:meth:`collate` plus each pair's loss scale (:class:`comalkit.distributed.GlobalBatchSampler`)."""
@@ -445,9 +455,12 @@ class PreferenceModule(L.LightningModule):
         logps, counts = logps.float(), counts.float()
         n = logps.shape[0] // 2
         return PairLogps(
-            policy_chosen=logps[:n], policy_rejected=logps[n:], chosen_tokens=counts[:n], rejected_tokens=counts[n:],
+            policy_chosen=logps[:n],
+            policy_rejected=logps[n:],
+            chosen_tokens=counts[:n],
+            rejected_tokens=counts[n:],
             **{key: batch[key] for key in required_keys(self.solver)},
-        )  # fmt: skip
+        )
 
     def _step(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         pairs = self.pair_logps(batch)

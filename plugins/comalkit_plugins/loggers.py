@@ -61,10 +61,16 @@ class WandbLogger(MetricLogger):
             import wandb
 
             self._run = wandb.init(
-                project=self.project, mode=self.mode, dir=str(out_dir), group=group, name=name,
-                tags=self.tags or None, config=config, reinit="finish_previous",
+                project=self.project,
+                mode=self.mode,
+                dir=str(out_dir),
+                group=group,
+                name=name,
+                tags=self.tags or None,
+                config=config,
+                reinit="finish_previous",
                 settings=wandb.Settings(init_timeout=60, silent=True),
-            )  # fmt: skip
+            )
             self._run.define_metric("iteration")
             self._run.define_metric("*", step_metric="iteration")
         except Exception as exc:  # wandb must never stop a run

@@ -29,9 +29,17 @@ from comalkit.registry import ConfigError, instantiate, param, plugin, registry,
 
 #: Two Bradley–Terry reward models on the bundled judge that value different things.
 DEFAULT_COMPONENTS = [
-    {"oracle": "reward_model", "weight": 0.5, "system_prompt": "You are a helpful assistant. Give correct, complete and well-explained answers."},
-    {"oracle": "reward_model", "weight": 0.5, "system_prompt": "You are a concise assistant. Answer in as few words as possible."},
-]  # fmt: skip
+    {
+        "oracle": "reward_model",
+        "weight": 0.5,
+        "system_prompt": "You are a helpful assistant. Give correct, complete and well-explained answers.",
+    },
+    {
+        "oracle": "reward_model",
+        "weight": 0.5,
+        "system_prompt": "You are a concise assistant. Answer in as few words as possible.",
+    },
+]
 
 
 def build_component(index: int, spec: dict[str, Any]) -> tuple[PreferenceOracle, float]:
