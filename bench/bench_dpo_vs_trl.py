@@ -125,12 +125,28 @@ def run_comalkit(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, 
             self.cpu.append(time.process_time() - self.cpu_start)
 
     timer = Timer()
-    cfg = {"accelerator": "cpu", "precision": "bf16-mixed", "max_steps": steps, "batch_size": 4, "shuffle": False,
-           "lr": LR, "scheduler": {"name": "constant"}, "gradient_clip_val": 1.0, "enable_progress_bar": False,
-           "lean_logps": spec.get("lean_logps", True)}  # fmt: skip
+    cfg = {
+        "accelerator": "cpu",
+        "precision": "bf16-mixed",
+        "max_steps": steps,
+        "batch_size": 4,
+        "shuffle": False,
+        "lr": LR,
+        "scheduler": {"name": "constant"},
+        "gradient_clip_val": 1.0,
+        "enable_progress_bar": False,
+        "lean_logps": spec.get("lean_logps", True),
+    }
     result = fit(policy, dpo, records, cfg, out, callbacks=[timer])
-    return {"times": timer.times, "cpu": timer.cpu, "tokens": timer.tokens, "loaded_rss_gb": loaded, "precompute_s": precompute_s,
-            "precompute_pairs": len(pairs), "final_loss": result["train"]["loss"]}  # fmt: skip
+    return {
+        "times": timer.times,
+        "cpu": timer.cpu,
+        "tokens": timer.tokens,
+        "loaded_rss_gb": loaded,
+        "precompute_s": precompute_s,
+        "precompute_pairs": len(pairs),
+        "final_loss": result["train"]["loss"],
+    }
 
 
 def run_trl(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, out: str) -> dict[str, Any]:
@@ -147,15 +163,34 @@ def run_trl(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, out: 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec["weights"]))
     ensure_pad_token(tokenizer, model)
     loaded = current_rss_gb()
-    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
-             "chosen": [{"role": "assistant", "content": p["chosen"]}],
-             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]  # fmt: skip
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": p["prompt"]}],
+            "chosen": [{"role": "assistant", "content": p["chosen"]}],
+            "rejected": [{"role": "assistant", "content": p["rejected"]}],
+        }
+        for p in pairs
+    ]
     args = DPOConfig(
-        output_dir=out, per_device_train_batch_size=4, max_length=256, bf16=True, use_cpu=True, learning_rate=LR,
-        lr_scheduler_type="constant", beta=BETA, max_steps=steps, max_grad_norm=1.0, logging_steps=1,
-        report_to=[], save_strategy="no", dataloader_num_workers=0, disable_tqdm=True, seed=0,
-        precompute_ref_log_probs=spec["precompute"], precompute_ref_batch_size=8,
-    )  # fmt: skip
+        output_dir=out,
+        per_device_train_batch_size=4,
+        max_length=256,
+        bf16=True,
+        use_cpu=True,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        beta=BETA,
+        max_steps=steps,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        precompute_ref_log_probs=spec["precompute"],
+        precompute_ref_batch_size=8,
+    )
 
     class Timer(TrainerCallback):
         def __init__(self) -> None:
@@ -175,15 +210,27 @@ def run_trl(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, out: 
         r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
     )
     start = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=lora, callbacks=[timer])  # fmt: skip
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[timer],
+    )
     setup_s = time.perf_counter() - start
     trainer.train()
     logs = [h for h in trainer.state.log_history if "num_tokens" in h]
     totals = [int(h["num_tokens"]) for h in logs]
     tokens = [b - a for a, b in zip([0, *totals[:-1]], totals)]
-    return {"times": timer.times, "cpu": timer.cpu, "tokens": tokens, "loaded_rss_gb": loaded, "setup_s": setup_s,
-            "final_loss": logs[-1]["loss"] if logs else None}  # fmt: skip
+    return {
+        "times": timer.times,
+        "cpu": timer.cpu,
+        "tokens": tokens,
+        "loaded_rss_gb": loaded,
+        "setup_s": setup_s,
+        "final_loss": logs[-1]["loss"] if logs else None,
+    }
 
 
 def child(name: str, warmup: int, steps: int, threads: int) -> dict[str, Any]:
@@ -197,8 +244,18 @@ def child(name: str, warmup: int, steps: int, threads: int) -> dict[str, Any]:
         raw = runner(spec, pairs, warmup + steps, out)
     timed, tokens, cpu = raw.pop("times")[warmup:], raw.pop("tokens")[warmup:], raw.pop("cpu")[warmup:]
     step_s = statistics.median(timed)
-    result = {"variant": name, **spec, "step_s": step_s, "step_times": timed, "tokens_per_step": statistics.median(tokens),
-              "tokens_per_s": statistics.median(tokens) / step_s, "cpu_s": statistics.median(cpu), "step_cpu": cpu, "peak_rss_gb": peak_rss_gb(), **raw}  # fmt: skip
+    result = {
+        "variant": name,
+        **spec,
+        "step_s": step_s,
+        "step_times": timed,
+        "tokens_per_step": statistics.median(tokens),
+        "tokens_per_s": statistics.median(tokens) / step_s,
+        "cpu_s": statistics.median(cpu),
+        "step_cpu": cpu,
+        "peak_rss_gb": peak_rss_gb(),
+        **raw,
+    }
     if "precompute_s" in raw:  # the one-off reference pass, spread over the steps it serves
         per_step = raw["precompute_s"] / (raw["precompute_pairs"] / 4)
         result["tokens_per_s_incl_ref"] = result["tokens_per_step"] / (step_s + per_step)
@@ -225,21 +282,39 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
-               OMP_NUM_THREADS=str(args.threads))  # fmt: skip
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+        OMP_NUM_THREADS=str(args.threads),
+    )
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for repeat in range(args.repeats):
         for name in names:
-            cmd = [sys.executable, __file__, "--child", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
-                   "--threads", str(args.threads)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+            ]
             start = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
             results[name].append(json.loads(line[len("RESULT ") :]))
-            print(f"[{repeat + 1}/{args.repeats}] {name}: {results[name][-1]['tokens_per_s']:.0f} tok/s, "
-                  f"peak {results[name][-1]['peak_rss_gb']:.2f} GB ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"[{repeat + 1}/{args.repeats}] {name}: {results[name][-1]['tokens_per_s']:.0f} tok/s, "
+                f"peak {results[name][-1]['peak_rss_gb']:.2f} GB ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     if args.out:  # the raw runs first, so a failing report loses nothing
         Path(args.out).write_text(json.dumps({"runs": results, "loadavg": os.getloadavg()}, indent=2))
     report(results, args)
@@ -259,8 +334,10 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
             summary[name]["tokens_per_s_incl_ref"] = statistics.median(
                 r["tokens_per_s_incl_ref"] for r in runs
             )
-    print(f"\nSmolLM2-135M, LoRA r={RANK} q/k/v/o, 4 pairs x 256 tokens, bf16 autocast, {args.threads} threads, "
-          f"median of {args.steps} steps x {args.repeats} run(s), load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"\nSmolLM2-135M, LoRA r={RANK} q/k/v/o, 4 pairs x 256 tokens, bf16 autocast, {args.threads} threads, "
+        f"median of {args.steps} steps x {args.repeats} run(s), load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'variant':<16}{'step s':>8}{'cpu s':>8}{'tok/step':>10}{'tok/s':>8}{'peak GB':>9}")
     for name, s in summary.items():
         cells = f"{s['step_s']:>8.2f}{s['cpu_s']:>8.2f}{s['tokens_per_step']:>10.0f}{s['tokens_per_s']:>8.0f}"

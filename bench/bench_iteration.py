@@ -25,8 +25,13 @@ def plain_generate(model, tokenizer, prompts, n, args, seed):
     the same batches in the same order, so both draw the same random numbers for the same rows
     and, if comalkit adds no work of its own, produce identical text (checked by the caller).
     """
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts for _ in range(n)]  # fmt: skip
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+        for _ in range(n)
+    ]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     tokenizer.padding_side = "left"
@@ -39,9 +44,16 @@ def plain_generate(model, tokenizer, prompts, n, args, seed):
             [texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
         )
         with torch.no_grad():
-            gen = model.generate(**batch, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                 max_new_tokens=args.max_new_tokens, eos_token_id=eot,
-                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            gen = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=0,
+                max_new_tokens=args.max_new_tokens,
+                eos_token_id=eot,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         new = gen[:, batch["input_ids"].shape[1] :]
         tokens += int((new != tokenizer.pad_token_id).sum())
         for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
@@ -63,16 +75,26 @@ def bench_sampling(args) -> dict:
         plain, tokens = plain_generate(policy.model, tok, prompts, args.samples, args, seed=rep)
         times["plain"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        ours = policy.sample(prompts, args.samples, temperature=args.temperature, top_p=args.top_p,
-                             max_new_tokens=args.max_new_tokens, seed=rep, batch_size=args.batch_size)  # fmt: skip
+        ours = policy.sample(
+            prompts,
+            args.samples,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            seed=rep,
+            batch_size=args.batch_size,
+        )
         times["comalkit"].append(time.perf_counter() - t0)
         identical &= [r for rs in ours for r in rs] == plain  # same text: the same work was timed
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "plain_s": med["plain"], "comalkit_s": med["comalkit"], "generated_tokens": tokens,
-        "plain_tokens_per_s": tokens / med["plain"], "speed_ratio": med["plain"] / med["comalkit"],
+        "plain_s": med["plain"],
+        "comalkit_s": med["comalkit"],
+        "generated_tokens": tokens,
+        "plain_tokens_per_s": tokens / med["plain"],
+        "speed_ratio": med["plain"] / med["comalkit"],
         "identical_text": identical,
-    }  # fmt: skip
+    }
 
 
 def bench_iteration(args) -> dict:
@@ -81,11 +103,17 @@ def bench_iteration(args) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        run_job([
-            "task.iterations=1", f"task.samples_per_prompt={args.samples}", f"data.split_size={args.prompts}",
-            f"task.max_new_tokens={args.max_new_tokens}", f"task.eval_prompts={args.eval_prompts}",
-            f"sampler.batch_size={args.batch_size}",
-        ], out)  # fmt: skip
+        run_job(
+            [
+                "task.iterations=1",
+                f"task.samples_per_prompt={args.samples}",
+                f"data.split_size={args.prompts}",
+                f"task.max_new_tokens={args.max_new_tokens}",
+                f"task.eval_prompts={args.eval_prompts}",
+                f"sampler.batch_size={args.batch_size}",
+            ],
+            out,
+        )
         wall = time.perf_counter() - t0
         row = read_metrics(f"{out}/metrics.jsonl")[0]
     stages = {k.removeprefix("time/"): v for k, v in row.items() if k.startswith("time/")}
