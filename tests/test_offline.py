@@ -14,9 +14,26 @@ from comalkit.outputs import read_metrics
 from comalkit.registry import ConfigError
 from comalkit.testing import compose, run_job
 
-TINY = ["experiment=offline", "model=tiny", "trainer=fast", "trainer.lr=1e-2", "data.limit=8", "data.eval_limit=4",
-        "model.max_length=160", "model.max_prompt_length=96", "model.lora.r=4"]  # fmt: skip
-TRL_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"}  # fmt: skip
+TINY = [
+    "experiment=offline",
+    "model=tiny",
+    "trainer=fast",
+    "trainer.lr=1e-2",
+    "data.limit=8",
+    "data.eval_limit=4",
+    "model.max_length=160",
+    "model.max_prompt_length=96",
+    "model.lora.r=4",
+]
+TRL_METRICS = {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +86,10 @@ def test_solver_and_data_overrides_win_over_the_experiment(tmp_path: Path) -> No
 
 def test_offline_sppo_trains_from_soft_labels_in_the_file(tmp_path: Path) -> None:
     path = tmp_path / "soft.jsonl"
-    rows = [{"prompt": f"Say {w}.", "chosen": w, "rejected": "no", "chosen_winprob": 0.9, "rejected_winprob": 0.2}
-            for w in ("hi", "yes", "ok", "fine", "sure", "good")]  # fmt: skip
+    rows = [
+        {"prompt": f"Say {w}.", "chosen": w, "rejected": "no", "chosen_winprob": 0.9, "rejected_winprob": 0.2}
+        for w in ("hi", "yes", "ok", "fine", "sure", "good")
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = run_job(
         [*TINY, "solver=sppo", f"data.path={path}", "data.eval_fraction=0.34"], tmp_path / "run"
@@ -107,11 +126,20 @@ def test_offline_dpo_on_smollm2_improves_held_out_loss_and_accuracy(tmp_path: Pa
     so held-out rewards are bf16 rounding noise (|margin| < 0.01) and accuracy is near chance or below.
     """
     summary = run_job(
-        ["experiment=offline", "model=smollm2", "data.limit=32", "data.eval_limit=16", "trainer.batch_size=4",
-         "trainer.lr=5e-4", "trainer.precision=bf16-mixed", "trainer.enable_progress_bar=false",
-         "model.max_length=128", "model.max_prompt_length=96"],
+        [
+            "experiment=offline",
+            "model=smollm2",
+            "data.limit=32",
+            "data.eval_limit=16",
+            "trainer.batch_size=4",
+            "trainer.lr=5e-4",
+            "trainer.precision=bf16-mixed",
+            "trainer.enable_progress_bar=false",
+            "model.max_length=128",
+            "model.max_prompt_length=96",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     before, after = summary["eval_before"], summary["eval_after"]
     assert summary["steps"] == 8
     assert abs(before["eval_rewards/margins"]) < 0.01

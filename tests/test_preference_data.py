@@ -85,11 +85,17 @@ def test_bad_json_line_names_file_and_line(tmp_path: Path) -> None:
         ({"chosen": "y", "rejected": "z"}, r"p\.jsonl:2: missing key\(s\) \['prompt'\]"),
         (["x", "y", "z"], r"p\.jsonl:2: expected a JSON object"),
         ({"prompt": "", "chosen": "y", "rejected": "z"}, r"p\.jsonl:2: 'prompt' is empty"),
-        ({"prompt": "x", "chosen": "y", "rejected": "z", "chosen_winprob": 0.7}, r"p\.jsonl:2: 'chosen_winprob' is given without"),
-        ({"prompt": "x", "chosen": "y", "rejected": "z", "chosen_winprob": 1.5, "rejected_winprob": 0.1}, r"p\.jsonl:2: 'chosen_winprob' must be a probability"),
+        (
+            {"prompt": "x", "chosen": "y", "rejected": "z", "chosen_winprob": 0.7},
+            r"p\.jsonl:2: 'chosen_winprob' is given without",
+        ),
+        (
+            {"prompt": "x", "chosen": "y", "rejected": "z", "chosen_winprob": 1.5, "rejected_winprob": 0.1},
+            r"p\.jsonl:2: 'chosen_winprob' must be a probability",
+        ),
         ({"prompt": "x", "chosen": 3, "rejected": "z"}, r"p\.jsonl:2: 'chosen' must be a string"),
     ],
-)  # fmt: skip
+)
 def test_bad_row_names_file_line_and_key(tmp_path: Path, row: object, message: str) -> None:
     with pytest.raises(PreferenceDataError, match=message):
         load_preferences(write_jsonl(tmp_path / "p.jsonl", [ROWS[0], row]))

@@ -63,8 +63,12 @@ def test_bundled_split_size_50_cycles_the_six_parts_like_comal():
     assert len(evaluation) == 50
     assert not set(evaluation) & {p for part in parts for p in part}
     assert source.describe() == {
-        "num_splits": 6, "split_size": 50, "train_prompts": 300, "eval_prompts": 50, "unused_prompts": 0,
-    }  # fmt: skip
+        "num_splits": 6,
+        "split_size": 50,
+        "train_prompts": 300,
+        "eval_prompts": 50,
+        "unused_prompts": 0,
+    }
 
 
 def test_bundled_recut_shuffled_is_seeded_and_covers_distinct_prompts():

@@ -54,7 +54,14 @@ def test_dpo_is_ln2_when_policy_equals_reference():
 
 def test_ipo_by_hand_summed_and_per_token():
     ipo = solver("ipo", tau=0.5)  # target margin 1/(2τ) = 1
-    batch = pairs([-1.0, 0.0], [-4.0, -4.0], ref_chosen=[-2.0, -1.0], ref_rejected=[-3.0, -1.0], chosen_tokens=[2, 2], rejected_tokens=[4, 4])  # fmt: skip
+    batch = pairs(
+        [-1.0, 0.0],
+        [-4.0, -4.0],
+        ref_chosen=[-2.0, -1.0],
+        ref_rejected=[-3.0, -1.0],
+        chosen_tokens=[2, 2],
+        rejected_tokens=[4, 4],
+    )
     # summed: Δ_θ - Δ_ref = 3 - 1 = 2 -> (2 - 1)^2 = 1;  4 - 0 = 4 -> 9
     assert ipo.loss(batch).losses.tolist() == pytest.approx([1.0, 9.0])
     # per token: (1/2 - (-1)/4) = 0.75 -> 0.0625;  (1/2 - (-3)/4) = 1.25 -> 0.0625
@@ -78,7 +85,9 @@ def test_iter_ipo_regresses_against_the_last_iterate():
 
 def test_sppo_soft_and_hard_by_hand():
     # β = 0.5: η = 2. Log-ratios against the last iterate: chosen 1.5, rejected 0.5.
-    batch = pairs([0.0], [0.0], last_chosen=[-1.5], last_rejected=[-0.5], chosen_winprob=[0.75], rejected_winprob=[0.25])  # fmt: skip
+    batch = pairs(
+        [0.0], [0.0], last_chosen=[-1.5], last_rejected=[-0.5], chosen_winprob=[0.75], rejected_winprob=[0.25]
+    )
     # soft targets η(p - ½) = ±0.5: (1.5 - 0.5)^2 + (0.5 + 0.5)^2 = 2
     assert solver("sppo", beta=0.5).loss(batch).losses.item() == pytest.approx(2.0)
     # hard targets ±η/2 = ±1: (1.5 - 1)^2 + (0.5 + 1)^2 = 2.5
@@ -87,7 +96,14 @@ def test_sppo_soft_and_hard_by_hand():
 
 def test_inpo_by_hand():
     inpo = solver("inpo", beta=0.25, ratio=0.5)  # target margin 2
-    batch = pairs([0.0, 0.0], [-3.0, -3.0], ref_chosen=[0.0, 0.0], ref_rejected=[-2.0, -2.0], last_chosen=[0.0, 0.0], last_rejected=[0.0, -2.0])  # fmt: skip
+    batch = pairs(
+        [0.0, 0.0],
+        [-3.0, -3.0],
+        ref_chosen=[0.0, 0.0],
+        ref_rejected=[-2.0, -2.0],
+        last_chosen=[0.0, 0.0],
+        last_rejected=[0.0, -2.0],
+    )
     # h = 3 - ½·2 - ½·0 = 2 -> 0;   h = 3 - ½·2 - ½·2 = 1 -> (1 - 2)^2 = 1
     out = inpo.loss(batch)
     assert out.losses.tolist() == pytest.approx([0.0, 1.0])
@@ -122,10 +138,14 @@ def test_weights_and_batch_checks():
 
 def test_needs_flags_match_what_each_loss_reads():
     expected = {  # (reference, last iterate, win probabilities)
-        "dpo": (True, False, False), "ipo": (True, False, False), "iter_ipo": (False, True, False),
-        "sppo": (False, True, True), "sppo_hard": (False, True, False), "inpo": (True, True, False),
+        "dpo": (True, False, False),
+        "ipo": (True, False, False),
+        "iter_ipo": (False, True, False),
+        "sppo": (False, True, True),
+        "sppo_hard": (False, True, False),
+        "inpo": (True, True, False),
         "mpo": (True, True, False),
-    }  # fmt: skip
+    }
     for name, flags in expected.items():
         s = solver(name)
         assert (s.needs_reference, s.needs_last_iterate, s.needs_win_probs) == flags, name
@@ -147,8 +167,15 @@ def test_game_only_solvers_refuse_pairs():
 
 
 def test_set_strength_and_config_ranges():
-    for name, field in [("dpo", "beta"), ("ipo", "tau"), ("iter_ipo", "tau"), ("sppo", "beta"),
-                        ("inpo", "beta"), ("mpo", "alpha"), ("nash_md", "tau")]:  # fmt: skip
+    for name, field in [
+        ("dpo", "beta"),
+        ("ipo", "tau"),
+        ("iter_ipo", "tau"),
+        ("sppo", "beta"),
+        ("inpo", "beta"),
+        ("mpo", "alpha"),
+        ("nash_md", "tau"),
+    ]:
         s = solver(name)
         s.set_strength(0.7 if name != "nash_md" else 0.5)
         assert getattr(s, field) == (0.7 if name != "nash_md" else 0.5), name
@@ -232,9 +259,13 @@ def _iterate(s, logp, ref, m, steps):
     return logp
 
 
-@pytest.mark.parametrize(("name", "kwargs", "tau"), [
-    ("inpo", {"beta": 0.5, "ratio": 0.5}, 0.25), ("mpo", {"eta": 1.0, "alpha": 0.4}, 0.4),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "kwargs", "tau"),
+    [
+        ("inpo", {"beta": 0.5, "ratio": 0.5}, 0.25),
+        ("mpo", {"eta": 1.0, "alpha": 0.4}, 0.4),
+    ],
+)
 def test_regularised_methods_converge_to_the_regularised_equilibrium(name, kwargs, tau):
     """With μ fixed, the last iterate reaches π*_τ: π ∝ μ exp(P(· ≻ π)/τ)."""
     mu = t(0.5, 0.2, 0.3).log()

@@ -30,9 +30,25 @@ from comalkit.training import (
 registry.load_entry_points()
 LM_SOLVERS = [n for n in registry.names("solver") if registry.get("solver", n).language_model]
 GAME_SOLVERS = [n for n in registry.names("solver") if not registry.get("solver", n).language_model]
-TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]  # fmt: skip
-FAST = {"accelerator": "cpu", "precision": "32-true", "max_steps": 3, "batch_size": 2, "eval_batch_size": 4,
-        "lr": 1e-2, "enable_progress_bar": False, "scheduler": {"name": "constant"}}  # fmt: skip
+TRL_METRICS = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+]
+FAST = {
+    "accelerator": "cpu",
+    "precision": "32-true",
+    "max_steps": 3,
+    "batch_size": 2,
+    "eval_batch_size": 4,
+    "lr": 1e-2,
+    "enable_progress_bar": False,
+    "scheduler": {"name": "constant"},
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -164,9 +180,18 @@ def test_one_snapshot_used_twice_is_scored_once(monkeypatch: pytest.MonkeyPatch)
 def test_trainer_options_pass_through(tmp_path: Path) -> None:
     """bf16 autocast, accumulation, clipping, epochs, warm-up + cosine schedule and checkpoints reach Lightning."""
     policy, dpo = tiny_policy(), solver("dpo")
-    cfg = dict(FAST, max_steps=-1, max_epochs=2, batch_size=2, accumulate_grad_batches=2, precision="bf16-mixed",
-               gradient_clip_val=0.5, lr=1e-3, scheduler={"name": "cosine", "warmup_steps": 1},
-               checkpoint={"enabled": True})  # fmt: skip
+    cfg = dict(
+        FAST,
+        max_steps=-1,
+        max_epochs=2,
+        batch_size=2,
+        accumulate_grad_batches=2,
+        precision="bf16-mixed",
+        gradient_clip_val=0.5,
+        lr=1e-3,
+        scheduler={"name": "cosine", "warmup_steps": 1},
+        checkpoint={"enabled": True},
+    )
     records = precompute_logps(policy, pairs(8), dpo, precision="bf16-mixed")
     run = Run(tmp_path)
     result = fit(
@@ -243,6 +268,8 @@ def test_trainer_configs_compose_and_validate(name: str) -> None:
     tc = trainer_config(cfg.trainer)
     assert tc.seed == 7
     assert (tc.accelerator, tc.precision) == {
-        "default": ("auto", "bf16-mixed"), "cpu": ("cpu", "bf16-mixed"),
-        "gpu": ("gpu", "bf16-mixed"), "fast": ("cpu", "32-true"),
-    }[name]  # fmt: skip
+        "default": ("auto", "bf16-mixed"),
+        "cpu": ("cpu", "bf16-mixed"),
+        "gpu": ("gpu", "bf16-mixed"),
+        "fast": ("cpu", "32-true"),
+    }[name]

@@ -53,7 +53,12 @@ class TokenLogpModel(torch.nn.Module):
         assert fused_lm_head
         mask = labels[:, 1:] != -100
         logps = self.token_logps * mask
-        return SimpleNamespace(log_probs=logps, entropy=torch.zeros_like(logps), mean_logits=torch.zeros_like(logps), is_top1=mask & False)  # fmt: skip
+        return SimpleNamespace(
+            log_probs=logps,
+            entropy=torch.zeros_like(logps),
+            mean_logits=torch.zeros_like(logps),
+            is_top1=mask & False,
+        )
 
     def sequence_logps(self, inputs) -> torch.Tensor:
         return (self.token_logps * inputs["completion_mask"][:, 1:]).sum(-1)
@@ -69,8 +74,13 @@ def batch_inputs() -> dict[str, torch.Tensor]:
         completion[row, p : p + n] = 1
         attention[row, p + n :] = 0
     frozen = -3.0 * torch.rand(2, PAIRS, generator=g, dtype=torch.float64) - 8.0
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion,
-            "ref_chosen_logps": frozen[0], "ref_rejected_logps": frozen[1]}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "ref_chosen_logps": frozen[0],
+        "ref_rejected_logps": frozen[1],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +89,14 @@ def llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config).double().train()
     trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     return model
@@ -100,12 +115,21 @@ def trl_loss(model, inputs, loss_type: str, beta: float):
     trainer = object.__new__(trl_dpo.DPOTrainer)
     identity = lambda x: x  # noqa: E731 - one process: gathering is the identity
     trainer.__dict__.update(
-        model=model, beta=beta, loss_types=[loss_type], loss_weights=[1.0], label_smoothing=0.0,
+        model=model,
+        beta=beta,
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        label_smoothing=0.0,
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        use_weighting=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1,
-    )  # fmt: skip
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     return trainer._compute_loss(model, inputs, False), trainer._metrics["train"]
 
 
@@ -114,9 +138,15 @@ def comalkit_pairs(logps: torch.Tensor, inputs) -> PairLogps:
     tokens = inputs["completion_mask"].sum(-1).double()
     ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
     return PairLogps(
-        policy_chosen=logps[:PAIRS], policy_rejected=logps[PAIRS:], chosen_tokens=tokens[:PAIRS],
-        rejected_tokens=tokens[PAIRS:], ref_chosen=ref_c, ref_rejected=ref_r, last_chosen=ref_c, last_rejected=ref_r,
-    )  # fmt: skip
+        policy_chosen=logps[:PAIRS],
+        policy_rejected=logps[PAIRS:],
+        chosen_tokens=tokens[:PAIRS],
+        rejected_tokens=tokens[PAIRS:],
+        ref_chosen=ref_c,
+        ref_rejected=ref_r,
+        last_chosen=ref_c,
+        last_rejected=ref_r,
+    )
 
 
 def loss_and_grads(model, compute):
@@ -207,20 +237,42 @@ def test_training_matches_trls_dpo_trainer_step_by_step(tmp_path):
 
     model, tokenizer = tiny_causal_lm(seed=0)
     args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_length=256, use_cpu=True,
-        learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, beta=beta, max_steps=steps,
-        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=4,
+        max_length=256,
+        use_cpu=True,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        beta=beta,
+        max_steps=steps,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
     # TRL's conversational rows would also score the template's "\n" after <|im_end|>; comalkit
     # stops at <|im_end|>, where sampling stops. So TRL gets the templated prompt and the bare
     # response, to which it appends EOS (= <|im_end|>): the same tokens on both sides.
     templated = [
-        {**p, "prompt": tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
-                                                      add_generation_prompt=True)} for p in pairs
-    ]  # fmt: skip
-    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(templated),
-                             processing_class=tokenizer, peft_config=lora)  # fmt: skip
+        {
+            **p,
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": p["prompt"]}], tokenize=False, add_generation_prompt=True
+            ),
+        }
+        for p in pairs
+    ]
+    trainer = trl.DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(templated),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     theirs = [h for h in trainer.state.log_history if "loss" in h and "logps/chosen" in h]
@@ -245,16 +297,29 @@ def test_training_matches_trls_dpo_trainer_step_by_step(tmp_path):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
-    cfg = {"accelerator": "cpu", "max_steps": steps, "max_epochs": steps, "batch_size": 4, "lr": lr,
-           "scheduler": {"name": "constant"}, "gradient_clip_val": 1.0, "enable_progress_bar": False}  # fmt: skip
+    cfg = {
+        "accelerator": "cpu",
+        "max_steps": steps,
+        "max_epochs": steps,
+        "batch_size": 4,
+        "lr": lr,
+        "scheduler": {"name": "constant"},
+        "gradient_clip_val": 1.0,
+        "enable_progress_bar": False,
+    }
     fit(policy, solver, records, cfg, tmp_path / "comalkit", callbacks=[record := Record()])
 
     assert len(record.rows) == len(theirs) == steps
     assert theirs[-1]["loss"] < theirs[0]["loss"] - 0.01  # it trained, so later steps test the update
     # float32 on both sides, different kernels: log-probs agree to ~2e-5 relative; the gradient
     # norm, a sum over tiny values of a random model, to ~3e-3 (on SmolLM2: 1e-5)
-    tolerances = {"loss": (1e-4, 0), "logps/chosen": (1e-4, 0), "logps/rejected": (1e-4, 0),
-                  "rewards/margins": (0, 1e-4), "grad_norm": (5e-3, 0)}  # fmt: skip
+    tolerances = {
+        "loss": (1e-4, 0),
+        "logps/chosen": (1e-4, 0),
+        "logps/rejected": (1e-4, 0),
+        "rewards/margins": (0, 1e-4),
+        "grad_norm": (5e-3, 0),
+    }
     for ours, trl_row in zip(record.rows, theirs):
         for key, (rel, abs_) in tolerances.items():
             assert ours[key] == pytest.approx(trl_row[key], rel=rel, abs=abs_), key
