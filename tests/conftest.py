@@ -1,6 +1,7 @@
 """Shared test set-up: offline, quiet, few threads (CI has 2 cores)."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,3 +21,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random causal LM saved as a local model directory, for the model-based judges
+    (read only: every test that takes it shares one)."""
+    from comalkit.models import tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("tiny-judge")
+    model, tokenizer = tiny_causal_lm(seed=5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

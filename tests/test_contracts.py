@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from comalkit.__main__ import load_plugins
 from comalkit.interfaces import PreferenceOracle, Snapshot
 from comalkit.judge_prompt import JudgePrompt
 from comalkit.judge_server import JudgeServer, JudgeService
-from comalkit.models import tiny_causal_lm
 from comalkit.registry import registry
 from comalkit.testing import ContractError, check_oracle, check_sampler, check_solver, check_updater
 
@@ -45,16 +43,6 @@ def test_builtin_updater_contract(name):
         check_updater(lambda: cls(period=3))
     if "strengths" in fields:
         check_updater(lambda: cls(period=2, strengths=[0.5, 0.2, 0.1]))
-
-
-@pytest.fixture(scope="module")
-def tiny_judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random causal LM saved as a local model directory, for the model-based judges."""
-    path = tmp_path_factory.mktemp("tiny-judge")
-    model, tokenizer = tiny_causal_lm(seed=5)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
