@@ -45,7 +45,7 @@ from comalkit.interfaces import (
     Snapshot,
     SubgameSolver,
 )
-from comalkit.outputs import read_metrics, write_json
+from comalkit.outputs import CorruptFileError, read_metrics, write_json
 from comalkit.plots import plot_progress
 from comalkit.stages import (
     Stage,
@@ -211,7 +211,7 @@ class MetaLoop:
             state = json.loads(path.read_text())
             int(state["completed"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise RuntimeError(
+            raise CorruptFileError(
                 f"{path}: not a comalkit run state ({exc}); delete the run directory to start fresh"
             ) from None
         return state

@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from comalkit.interfaces import Snapshot
-from comalkit.outputs import to_jsonable
+from comalkit.outputs import CorruptFileError, to_jsonable
 
 FAULT_ENV = "COMALKIT_FAULT"
 TRACE_ENV = "COMALKIT_FAULT_TRACE"
@@ -104,7 +104,7 @@ class StageReader:
         try:
             self.manifest = json.loads((directory / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise RuntimeError(
+            raise CorruptFileError(
                 f"{directory}: the stage's manifest {MANIFEST} is missing or unreadable ({exc}); "
                 f"delete {directory} to redo the stage"
             ) from exc
@@ -113,7 +113,7 @@ class StageReader:
         try:
             return json.loads((self.dir / name).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise RuntimeError(
+            raise CorruptFileError(
                 f"{self.dir / name}: unreadable stage file ({exc}); delete {self.dir}"
             ) from exc
 
@@ -123,7 +123,7 @@ class StageReader:
         try:
             return load_file(str(self.dir / name))
         except Exception as exc:  # safetensors raises its own error types; name the file
-            raise RuntimeError(
+            raise CorruptFileError(
                 f"{self.dir / name}: unreadable stage file ({exc}); delete {self.dir}"
             ) from exc
 
