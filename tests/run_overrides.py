@@ -1,4 +1,4 @@
-"""Override lists shared by the tests that run whole jobs: one place for the smallest online run.
+"""Overrides and names shared by the tests that run whole jobs: one place for each.
 
 Imported as ``run_overrides`` (pytest puts ``tests/`` on ``sys.path`` through its conftest).
 """
@@ -13,3 +13,15 @@ ONE_SMALL_ITERATION = [
 ]
 #: that iteration on the tiny random model, judged by the rule oracle, with the fast trainer
 TINY_ONLINE = ["model=tiny", "oracle=rule", "trainer=fast", *ONE_SMALL_ITERATION]
+#: the per-step metric names training logs under TRL's names (comalkit/training.py), so runs compare
+TRL_METRICS = frozenset(
+    {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    }
+)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from run_overrides import TRL_METRICS
 
 from comalkit.app import config_error
 from comalkit.outputs import read_metrics
@@ -25,15 +26,6 @@ TINY = [
     "model.max_prompt_length=96",
     "model.lora.r=4",
 ]
-TRL_METRICS = {
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-}
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from comalkit_plugins.data.preferences import SAMPLE_HELDOUT, SAMPLE_TRAIN
 from comalkit_plugins.models.tiny import TinyModel
+from run_overrides import TRL_METRICS
 
 from comalkit.outputs import Run, read_metrics
 from comalkit.policy import LMPolicy, LoraSettings
@@ -30,15 +31,6 @@ from comalkit.training import (
 registry.load_entry_points()
 LM_SOLVERS = [n for n in registry.names("solver") if registry.get("solver", n).language_model]
 GAME_SOLVERS = [n for n in registry.names("solver") if not registry.get("solver", n).language_model]
-TRL_METRICS = [
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-]
 FAST = {
     "accelerator": "cpu",
     "precision": "32-true",
