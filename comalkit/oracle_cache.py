@@ -19,9 +19,11 @@ Failed judgments are never cached, so a rerun asks again. An oracle whose judgme
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 from comalkit.interfaces import Comparison, PreferenceOracle
+from comalkit.outputs import OutputError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS judgments (
@@ -41,6 +44,37 @@ CREATE TABLE IF NOT EXISTS judgments (
 CREATE TABLE IF NOT EXISTS oracles (oracle TEXT PRIMARY KEY, identity TEXT NOT NULL) WITHOUT ROWID;
 """
 _CHUNK = 500  # keys per SELECT ... IN (...); SQLite allows at least 999 parameters
+#: sqlite's messages for a write the file system refused, as the OSError the rest of comalkit raises
+_WRITE_FAULTS = (
+    ("disk is full", errno.ENOSPC, "No space left on device"),
+    ("readonly", errno.EROFS, "Read-only file system"),
+    ("disk i/o error", errno.EIO, "disk I/O error"),
+    ("unable to open", errno.EACCES, "cannot open the file"),
+)
+
+
+def write_error(path: Path, exc: sqlite3.Error) -> OutputError | None:
+    """The :class:`OutputError` naming ``path`` for a refused write, so a full or read-only disk
+    reads like every other run file's (docs/reliability.md, "How errors are reported"); None for
+    any other sqlite error."""
+    text = str(exc).lower()
+    for needle, code, reason in _WRITE_FAULTS:
+        if needle in text:
+            if code in (errno.EACCES, errno.EROFS):  # sqlite says "unable to open": find out why
+                code, reason = _why_not_writable(path.parent) or (code, reason)
+            return OutputError(path, OSError(code, f"{reason} (sqlite: {exc})"))
+    return None
+
+
+def _why_not_writable(directory: Path) -> tuple[int, str] | None:
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return errno.EROFS, "Read-only file system"
+    except OSError:
+        return None
+    if not os.access(directory, os.W_OK):
+        return errno.EACCES, "Permission denied"
+    return None
 
 
 def shared_cache_path() -> Path:
@@ -65,7 +99,10 @@ class JudgmentCache:
 
     def __init__(self, path: str | Path, timeout_s: float = 60.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(self.path.parent, exc) from None
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(
@@ -75,7 +112,9 @@ class JudgmentCache:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise sqlite3.DatabaseError(f"judgment cache {self.path}: {exc}") from exc
+            raise write_error(self.path, exc) or sqlite3.DatabaseError(
+                f"judgment cache {self.path}: {exc}"
+            ) from None
 
     def get_many(self, keys: Iterable[str]) -> dict[str, float]:
         keys = list(keys)
@@ -93,16 +132,23 @@ class JudgmentCache:
         oracle = identity_hash(identity)
         now = time.time()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("INSERT OR IGNORE INTO oracles VALUES (?, ?)", (oracle, identity))
                 self._db.executemany(
                     "INSERT OR IGNORE INTO judgments VALUES (?, ?, ?, ?)",
                     [(key, p, oracle, now) for key, p in items.items()],
                 )
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                # sqlite rolls back by itself on SQLITE_FULL and some I/O errors; a second
+                # ROLLBACK would replace the real error with "no transaction is active"
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    error = write_error(self.path, exc)
+                    if error is not None:
+                        raise error from None
                 raise
 
     def count(self, identity: str | None = None) -> int:

@@ -216,28 +216,6 @@ def test_signal_exits_cleanly_and_says_how_to_resume(signum, code, task, marker,
 # ---------------------------------------------------------------------------------------------
 # full and read-only disks (a small tmpfs; needs root)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def tmpfs(tmp_path):
-    mounts = []
-
-    def mount(size: str = "1m", read_only: bool = False) -> Path:
-        point = tmp_path / f"mnt{len(mounts)}"
-        point.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounts.append(point)
-        if read_only:
-            subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
-        return point
-
-    yield mount
-    for point in reversed(mounts):
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def test_read_only_run_directory_is_one_line(tmpfs):
     point = tmpfs(read_only=True)
     out = cli(*SYNTHETIC, f"hydra.run.dir={point / 'run'}")
