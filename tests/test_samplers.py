@@ -105,11 +105,6 @@ def test_vllm_returns_n_responses_within_length_and_stop(smollm2):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="known issue: in a fresh-clone CI run the reseeded engine drew different ids for the same "
-    "seed after another call (docs/sampling.md); resume stays exact because samples are committed",
-    strict=False,
-)
 def test_vllm_seed_fixes_the_draws_whatever_ran_before(smollm2):
     policy, sampler = smollm2
     settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 10}

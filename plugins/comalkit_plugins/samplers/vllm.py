@@ -14,9 +14,11 @@ tokenizer without special tokens. docs/sampling.md has the details and the measu
 * **Full fine-tune.** The engine runs on a saved copy of the current weights and restarts on
   a new copy when they change (vLLM's CPU build repacks linear weights at load time, so they
   cannot be pushed into a running engine).
-* **Seeds.** A per-request seed crashes vLLM's CPU worker, so every call reseeds the
-  worker's global generators with ``seed`` first: one call with the same seed, inputs and
-  engine settings draws the same responses, whatever ran before it.
+* **Seeds.** Each prompt's request carries its own seed, derived from the call's ``seed`` and
+  the prompt's index, so its draws come from its own generator and do not depend on which
+  requests share a batch or what ran before. vLLM's CPU worker fails on a seeded request whose
+  prefill is split across steps ("CPU Generator does not use offset"), so the engine runs with
+  chunked prefill off: every prompt is prefilled in one step.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from typing import Any
 from comalkit.interfaces import Sampler, Snapshot
 from comalkit.registry import ConfigError, param, plugin
 
-WORKER_EXTENSION = "comalkit_plugins.samplers.vllm_worker.ComalkitWorkerExtension"
 #: LoRA ranks a vLLM engine accepts for ``max_lora_rank``.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: ``LLM`` arguments the sampler sets itself (``engine_args`` may not override them).
@@ -52,7 +53,6 @@ MANAGED_ARGS = (
     "enforce_eager",
     "enable_lora",
     "max_lora_rank",
-    "worker_extension_cls",
     "generation_config",
     "enable_sleep_mode",
 )
@@ -76,7 +76,9 @@ class VLLMSampler(Sampler):
     max_model_len: int | None = param(None, ge=2, help="engine context in tokens; null: model.max_length")
     max_num_seqs: int | None = param(None, ge=1, help="sequences per engine step; null: vLLM's default")
     enforce_eager: bool = param(False, help="skip graph compilation (faster start-up, slower steps)")
-    engine_seed: int = param(0, ge=0, help="LLM(seed=...) at start-up (each call reseeds with its own seed)")
+    engine_seed: int = param(
+        0, ge=0, help="LLM(seed=...) at start-up (each request also carries its own seed)"
+    )
     reserved_cpus: int | None = param(
         None, ge=0, help="CPU build: cores the engine leaves to this process; null: vLLM's default (1)"
     )
@@ -175,10 +177,10 @@ class VLLMSampler(Sampler):
                 stop_token_ids=[policy.end_of_turn_id],
                 ignore_eos=True,  # the end-of-turn token above is the only stop, as in LMPolicy.sample
                 detokenize=False,  # the policy's tokenizer decodes, exactly as sampler=hf does
+                seed=request_seed(seed, i),
             )
-            for row in rows
+            for i, row in enumerate(rows)
         ]
-        self._llm.collective_rpc("comalkit_reseed", args=(int(seed),))
         outputs = self._llm.generate(
             [TokensPrompt(prompt_token_ids=row) for row in rows],
             params,
@@ -286,7 +288,8 @@ class VLLMSampler(Sampler):
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enforce_eager": self.enforce_eager,
             "generation_config": "vllm",  # no sampling defaults from generation_config.json
-            "worker_extension_cls": WORKER_EXTENSION,
+            # a seeded request must not be prefilled in chunks on the CPU build (module docstring)
+            "enable_chunked_prefill": False,
             "enable_sleep_mode": self.sleep_mode,
         }
         if lora_rank is not None:
@@ -325,6 +328,11 @@ class VLLMSampler(Sampler):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+def request_seed(seed: int, index: int) -> int:
+    """Prompt ``index``'s own seed: vLLM gives each of its ``n`` responses ``seed + j``."""
+    return (int(seed) * 1_000_003 + index * 4_099) % 2**63
+
+
 def _fingerprint(weights: Mapping[str, Any]) -> str:
     """A content hash of a snapshot: the same weights map to the same adapter or engine state."""
     import torch
