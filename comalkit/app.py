@@ -330,9 +330,31 @@ def report(exc: BaseException) -> int:
     return code
 
 
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Each job's overrides of a ``-m`` sweep, expanded as Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
 class Preflight(Callback):
     """Hydra callback: :func:`preflight` before Hydra creates the run directory and writes ``.hydra/``,
-    so a bad config or a directory holding another config's results is refused untouched."""
+    so a bad config or a directory holding another config's results is refused untouched. For a
+    sweep (``-m``) with the basic sweeper, every job's config is checked before the first job's
+    directory exists; each job still runs :func:`preflight` on its own directory."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return  # another sweeper draws its jobs itself; each is checked when it starts
+        from hydra import compose
+
+        try:
+            for job in sweep_jobs(list(config.hydra.overrides.task)):
+                check_config(compose(config_name="config", overrides=job))
+        except Exception as exc:
+            sys.exit(report(exc))
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         global JOB_STARTED
