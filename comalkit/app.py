@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from comalkit.env_keys import env_name_error, is_key_setting
 from comalkit.outputs import (
     CorruptFileError,
     Run,
@@ -110,6 +111,7 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(model, DictConfig):
         _check_model(model)
     _check_ignored(cfg)
+    _check_key_settings(OmegaConf.to_container(cfg, resolve=False))
 
 
 def _check_model(model: DictConfig) -> None:
@@ -138,6 +140,19 @@ def _check_model(model: DictConfig) -> None:
                 ", model.lora.".join(changed),
                 "they have" if len(changed) > 1 else "it has",
             )
+
+
+def _check_key_settings(node: Any, path: str = "") -> None:
+    """A key pasted into a YAML file where a variable's name belongs is refused, unshown, before
+    Hydra copies the config into ``.hydra/`` (the command line is checked in ``__main__``)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(value, str) and is_key_setting(where) and not value.startswith("${"):
+            error = env_name_error(where, value)
+            if error:
+                raise ConfigError(error)
+        _check_key_settings(value, where)
 
 
 def _check_ignored(cfg: DictConfig) -> None:
