@@ -40,8 +40,8 @@ class SPPO(PairSolver):
     """``(ℓ_θ(y_w) − ℓ_t(y_w) − η(p_w − ½))² + (ℓ_θ(y_l) − ℓ_t(y_l) − η(p_l − ½))²``, η = 1/β.
 
     ``p = P̂(y ≻ π_t)`` is the soft win probability from ``PairLogps.*_winprob``. The two
-    squared errors are summed, as TRL's ``sppo_hard`` does (``shared/algorithms.md`` writes a
-    ½ in front: a constant factor, same minimiser). Rewards are ``β (ℓ_θ − ℓ_t)``.
+    squared errors are summed, as TRL's ``sppo_hard`` does (a ½ in front would be a
+    constant factor, same minimiser). Rewards are ``β (ℓ_θ − ℓ_t)``.
 
     Population update. Over all ordered pairs (y = y' included) weighted
     ``π_t(i) π_t(j) M_ij``, response y appears as chosen with weight ``π_t(y) p(y)`` and as
