@@ -329,8 +329,10 @@ class VLLMSampler(Sampler):
 # helpers
 # ---------------------------------------------------------------------------------------------
 def request_seed(seed: int, index: int) -> int:
-    """Prompt ``index``'s own seed: vLLM gives each of its ``n`` responses ``seed + j``."""
-    return (int(seed) * 1_000_003 + index * 4_099) % 2**63
+    """Prompt ``index``'s own seed, a 63-bit hash of ``(seed, index)``: vLLM gives the prompt's
+    ``n`` responses that seed plus ``j``, so no two prompts' ranges overlap whatever ``n`` is."""
+    digest = hashlib.sha256(f"{int(seed)}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _fingerprint(weights: Mapping[str, Any]) -> str:
