@@ -11,6 +11,12 @@ A Nash policy wins at least half of its games against every policy, so the *mini
 rate of a checkpoint against all others is an empirical exploitability: ≥ 50% is what a
 policy at the Nash equilibrium of the preference game would show.
 
+Every win rate comes two ways, each with a 95% percentile-bootstrap interval over prompts
+(docs/evaluation.md): *soft*, the mean win probability above, and *hard*, the share of prompts a
+policy wins (its per-prompt probability above ½, a tie counting ½). A likelihood judge's
+probabilities sit near ½, so a policy preferred on every prompt can show a soft rate near 50%;
+the hard rate shows it, and the intervals tell a real difference from prompt noise.
+
 Everything here takes responses, not models, so it is tested without sampling; the task
 ``evaluate`` (plugins) samples the responses and calls :func:`round_robin`.
 """
@@ -28,11 +34,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from comalkit.diagnostics import TIE_TOLERANCE
 from comalkit.interfaces import Comparison, PreferenceOracle
 from comalkit.outputs import atomic_path, atomic_write, write_json
 
 #: responses of one policy: one string per prompt, or a list of samples per prompt
 Responses = Sequence[str] | Sequence[Sequence[str]]
+#: the percentile bootstrap over prompts: resamples, generator seed and interval level
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
 
 
 def as_samples(responses: Responses, num_prompts: int, name: str = "responses") -> list[list[str]]:
@@ -103,6 +114,90 @@ def prompt_win_rates(
     judge = _Judge()
     questions = _questions(judge, prompts, a, b)
     return _resolve(questions, judge.answer(oracle))
+
+
+def hard_wins(per_prompt: Tensor) -> Tensor:
+    """Per prompt, 1 where ``a`` wins (its win probability above ½), ½ on a tie, 0 where it loses.
+
+    Their mean is the hard win rate; values within :data:`TIE_TOLERANCE` of ½ are ties, so a
+    prompt whose two orders cancel up to rounding is not counted as won or lost.
+    """
+    p = torch.as_tensor(per_prompt, dtype=torch.float64)
+    return torch.where((p - 0.5).abs() <= TIE_TOLERANCE, 0.5, (p > 0.5).to(torch.float64))
+
+
+def bootstrap_ci(
+    values: Tensor,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = CI_LEVEL,
+) -> Tensor:
+    """Percentile-bootstrap interval of the mean over the last axis (prompts): ``[..., 2]`` (low, high).
+
+    All rows share one set of resamples drawn from a fixed seed, so the intervals are
+    reproducible and those of ``W[a][b]`` and ``W[b][a] = 1 − W[a][b]`` mirror each other. The
+    resamples are a ``[resamples, P]`` matrix of counts, and the resampled means one matrix
+    product, so a round robin of many pairs costs no loop. ``nan`` without prompts.
+    """
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"resamples={resamples} must be >= 1 and level={level} in (0, 1)")
+    values = torch.as_tensor(values, dtype=torch.float64)
+    num = values.shape[-1]
+    if num == 0:
+        return torch.full((*values.shape[:-1], 2), math.nan, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(num, (resamples, num), generator=generator)
+    weights = torch.zeros(resamples, num, dtype=torch.float64)
+    weights.scatter_add_(1, draws, torch.ones(resamples, num, dtype=torch.float64))
+    means = values @ weights.T / num  # [..., resamples]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return torch.quantile(means, q, dim=-1).movedim(0, -1)
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """One head-to-head result: soft and hard win rate of ``a`` over ``b``, each with its interval."""
+
+    soft: float
+    soft_ci: tuple[float, float]
+    hard: float
+    hard_ci: tuple[float, float]
+    num_prompts: int
+
+    @classmethod
+    def of(cls, per_prompt: Tensor) -> WinRate:
+        """Summarise per-prompt win rates (see :func:`prompt_win_rates`); all ``nan`` without prompts."""
+        per_prompt = torch.as_tensor(per_prompt, dtype=torch.float64).reshape(-1)
+        hard = hard_wins(per_prompt)
+        soft_ci, hard_ci = bootstrap_ci(torch.stack([per_prompt, hard])).tolist()
+        empty = len(per_prompt) == 0
+        return cls(
+            soft=math.nan if empty else float(per_prompt.mean()),
+            soft_ci=(soft_ci[0], soft_ci[1]),
+            hard=math.nan if empty else float(hard.mean()),
+            hard_ci=(hard_ci[0], hard_ci[1]),
+            num_prompts=len(per_prompt),
+        )
+
+    def metrics(self, key: str) -> dict[str, float]:
+        """Flat metrics: ``key`` (soft, as before), ``key_low``/``_high``, ``key_hard`` and its interval."""
+        return {
+            key: self.soft,
+            f"{key}_low": self.soft_ci[0],
+            f"{key}_high": self.soft_ci[1],
+            f"{key}_hard": self.hard,
+            f"{key}_hard_low": self.hard_ci[0],
+            f"{key}_hard_high": self.hard_ci[1],
+        }
+
+
+def win_rate_stats(
+    oracle: PreferenceOracle, prompts: Sequence[str], responses_a: Responses, responses_b: Responses
+) -> WinRate:
+    """Soft and hard win rate of ``a`` over ``b`` with bootstrap intervals (see :func:`win_rate`)."""
+    if not prompts:
+        return WinRate.of(torch.zeros(0, dtype=torch.float64))
+    return WinRate.of(prompt_win_rates(oracle, prompts, responses_a, responses_b))
 
 
 def win_rate(

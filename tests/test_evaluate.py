@@ -12,7 +12,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from comalkit.evaluate import RoundRobin, prompt_win_rates, round_robin, win_rate, write_results
+from comalkit.evaluate import (
+    RoundRobin,
+    WinRate,
+    bootstrap_ci,
+    hard_wins,
+    prompt_win_rates,
+    round_robin,
+    win_rate,
+    win_rate_stats,
+    write_results,
+)
 from comalkit.interfaces import Comparison, PreferenceOracle
 
 
@@ -76,6 +86,58 @@ def test_response_shape_errors():
         win_rate(LengthJudge(), PROMPTS, ["a", "b"], ["a"])
     with pytest.raises(ValueError, match=r"responses_a\[1\]: expected a response string or a non-empty list"):
         win_rate(LengthJudge(), PROMPTS, ["a", []], ["a", "b"])
+
+
+def test_hard_wins_count_prompts_won_and_ties_as_half():
+    per_prompt = torch.tensor([0.51, 0.49, 0.5, 0.5 + 1e-12, 0.9], dtype=torch.float64)
+    assert hard_wins(per_prompt).tolist() == [1.0, 0.0, 0.5, 0.5, 1.0]
+    assert torch.equal(hard_wins(1 - per_prompt), 1 - hard_wins(per_prompt))
+
+
+def test_a_policy_preferred_on_every_prompt_has_a_soft_rate_near_half_but_a_hard_rate_of_one():
+    """The likelihood judge's failure mode (issue 13): probabilities just above ½ on every prompt."""
+    stats = WinRate.of(torch.full((40,), 0.52, dtype=torch.float64))
+    assert stats.soft == pytest.approx(0.52) and stats.hard == 1.0
+    assert stats.hard_ci == (1.0, 1.0) and stats.soft_ci == pytest.approx((0.52, 0.52))
+    assert stats.num_prompts == 40
+
+
+def test_bootstrap_interval_covers_the_mean_is_reproducible_and_mirrors():
+    generator = torch.Generator().manual_seed(1)
+    values = torch.rand(200, generator=generator, dtype=torch.float64)
+    low, high = bootstrap_ci(values).tolist()
+    mean = float(values.mean())
+    assert low < mean < high
+    se = float(values.std()) / math.sqrt(len(values))
+    assert high - low == pytest.approx(2 * 1.96 * se, rel=0.15)  # close to the normal interval
+    assert bootstrap_ci(values).tolist() == [low, high]  # fixed seed: same interval every call
+    assert bootstrap_ci(1 - values).tolist() == pytest.approx([1 - high, 1 - low])
+    rows = bootstrap_ci(torch.stack([values, 1 - values]))  # rows share resamples: one call, both
+    assert rows.shape == (2, 2) and rows[0].tolist() == [low, high]
+    assert bootstrap_ci(values, level=0.5).tolist()[0] > low  # a narrower level, a narrower interval
+    assert all(math.isnan(v) for v in bootstrap_ci(torch.zeros(0)).tolist())
+    with pytest.raises(ValueError, match=r"resamples=0 must be >= 1 and level=0.95"):
+        bootstrap_ci(values, resamples=0)
+    with pytest.raises(ValueError, match=r"level=1.5 in \(0, 1\)"):
+        bootstrap_ci(values, level=1.5)
+
+
+def test_win_rate_stats_and_flat_metrics():
+    stats = win_rate_stats(LengthJudge(0.2), PROMPTS, ["a long answer", "s"], ["short", "a much longer one"])
+    assert stats.soft == pytest.approx(0.5) and stats.hard == 0.5  # wins x (0.6), loses y (0.4)
+    assert stats.soft_ci == pytest.approx((0.4, 0.6)) and stats.hard_ci == (0.0, 1.0)
+    metrics = stats.metrics("win_rate/initial")
+    assert list(metrics) == [
+        "win_rate/initial",
+        "win_rate/initial_low",
+        "win_rate/initial_high",
+        "win_rate/initial_hard",
+        "win_rate/initial_hard_low",
+        "win_rate/initial_hard_high",
+    ]
+    assert metrics["win_rate/initial"] == stats.soft and metrics["win_rate/initial_hard_high"] == 1.0
+    empty = win_rate_stats(LengthJudge(), [], [], [])
+    assert empty.num_prompts == 0 and math.isnan(empty.soft) and math.isnan(empty.hard_ci[0])
 
 
 def test_round_robin_matrix_minimum_and_worst_opponent():
