@@ -27,7 +27,7 @@ import csv
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,42 @@ def hard_wins(per_prompt: Tensor) -> Tensor:
     return torch.where((p - 0.5).abs() <= TIE_TOLERANCE, 0.5, (p > 0.5).to(torch.float64))
 
 
+def bootstrap_means(
+    values: Tensor, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> Tensor:
+    """Means of ``values`` over the last axis (prompts) in each bootstrap resample: ``[..., resamples]``.
+
+    All rows share one set of resamples drawn from a fixed seed, so the result is reproducible
+    and a statistic of several rows (a round robin's minimum over opponents) can be taken per
+    resample. The resamples are a ``[resamples, P]`` matrix of counts and the means one matrix
+    product, so a round robin of many pairs costs no loop. ``nan`` without prompts.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples={resamples}: expected at least 1 bootstrap resample")
+    values = torch.as_tensor(values, dtype=torch.float64)
+    num = values.shape[-1]
+    if num == 0:
+        return torch.full((*values.shape[:-1], resamples), math.nan, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(num, (resamples, num), generator=generator)
+    weights = torch.zeros(resamples, num, dtype=torch.float64)
+    weights.scatter_add_(1, draws, torch.ones(resamples, num, dtype=torch.float64))
+    return values @ weights.T / num
+
+
+def percentile_interval(means: Tensor, level: float = CI_LEVEL) -> Tensor:
+    """The central ``level`` percentile interval over the last axis (resamples): ``[..., 2]`` (low, high).
+
+    Linear interpolation between order statistics is symmetric, so the interval of ``1 − x``
+    is ``1 − `` that of ``x`` reversed: those of ``W[a][b]`` and ``W[b][a]`` mirror each other.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}: expected an interval level in (0, 1), e.g. 0.95")
+    means = torch.as_tensor(means, dtype=torch.float64)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return torch.quantile(means, q, dim=-1).movedim(0, -1)
+
+
 def bootstrap_ci(
     values: Tensor,
     resamples: int = BOOTSTRAP_RESAMPLES,
@@ -134,24 +170,11 @@ def bootstrap_ci(
 ) -> Tensor:
     """Percentile-bootstrap interval of the mean over the last axis (prompts): ``[..., 2]`` (low, high).
 
-    All rows share one set of resamples drawn from a fixed seed, so the intervals are
-    reproducible and those of ``W[a][b]`` and ``W[b][a] = 1 − W[a][b]`` mirror each other. The
-    resamples are a ``[resamples, P]`` matrix of counts, and the resampled means one matrix
-    product, so a round robin of many pairs costs no loop. ``nan`` without prompts.
+    See :func:`bootstrap_means` and :func:`percentile_interval`; ``nan`` without prompts.
     """
-    if resamples < 1 or not 0 < level < 1:
-        raise ValueError(f"resamples={resamples} must be >= 1 and level={level} in (0, 1)")
-    values = torch.as_tensor(values, dtype=torch.float64)
-    num = values.shape[-1]
-    if num == 0:
-        return torch.full((*values.shape[:-1], 2), math.nan, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(num, (resamples, num), generator=generator)
-    weights = torch.zeros(resamples, num, dtype=torch.float64)
-    weights.scatter_add_(1, draws, torch.ones(resamples, num, dtype=torch.float64))
-    means = values @ weights.T / num  # [..., resamples]
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    return torch.quantile(means, q, dim=-1).movedim(0, -1)
+    if not 0 < level < 1:  # checked before any resampling
+        raise ValueError(f"level={level}: expected an interval level in (0, 1), e.g. 0.95")
+    return percentile_interval(bootstrap_means(values, resamples, seed), level)
 
 
 @dataclass(frozen=True)
@@ -216,30 +239,84 @@ def win_rate(
 # ---------------------------------------------------------------------------------------------
 # Round robin
 # ---------------------------------------------------------------------------------------------
+def _pairs(values: Tensor) -> list[list[float]]:
+    """A ``[..., 2]`` interval tensor as nested ``[low, high]`` lists (JSON)."""
+    return values.tolist()
+
+
 @dataclass
 class RoundRobin:
     """Every contestant against every other on the same prompts.
 
-    ``win_rates[i][j]`` = P̂(contestant i ≻ contestant j) (½ on the diagonal,
-    ``win_rates[j][i] = 1 − win_rates[i][j]``); ``stderr[i][j]`` its standard error over
-    prompts (0 with a single prompt).
+    ``per_prompt[i][j][p]`` is P̂(contestant i ≻ contestant j | prompt p), judged in both orders
+    (½ on the diagonal, ``per_prompt[j][i] = 1 − per_prompt[i][j]``). Everything else is derived
+    from it: the soft matrix ``win_rates`` (its mean over prompts), the hard matrix
+    ``hard_win_rates`` (the share of prompts won, :func:`hard_wins`), ``stderr`` over prompts,
+    and 95% percentile-bootstrap intervals over prompts of every cell and of every
+    contestant's minimum (docs/evaluation.md).
     """
 
     names: list[str]
-    win_rates: Tensor
-    stderr: Tensor
-    num_prompts: int
+    per_prompt: Tensor
     samples_per_prompt: int
+    win_rates: Tensor = field(init=False)
+    hard_win_rates: Tensor = field(init=False)
+    stderr: Tensor = field(init=False)
+    #: ``[k, k, 2]``: the interval of each cell of ``win_rates`` / ``hard_win_rates``
+    win_rates_ci: Tensor = field(init=False)
+    hard_win_rates_ci: Tensor = field(init=False)
+    #: ``[k, 2]``: the interval of each row's minimum over its opponents, soft / hard
+    min_ci: Tensor = field(init=False)
+    hard_min_ci: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        soft = torch.as_tensor(self.per_prompt, dtype=torch.float64)
+        k = len(self.names)
+        if soft.ndim != 3 or soft.shape[:2] != (k, k) or soft.shape[2] == 0:
+            raise ValueError(
+                f"per_prompt: expected shape [{k}, {k}, prompts >= 1] for {k} contestants, "
+                f"got {tuple(soft.shape)}"
+            )
+        self.per_prompt = soft
+        hard = hard_wins(soft)
+        both = torch.stack([soft, hard])  # [2, k, k, P]
+        self.win_rates, self.hard_win_rates = both.mean(-1).unbind(0)
+        num = soft.shape[-1]
+        self.stderr = soft.std(-1) / math.sqrt(num) if num > 1 else torch.zeros(k, k, dtype=torch.float64)
+        means = bootstrap_means(both)  # [2, k, k, R], the same resamples for every cell
+        self.win_rates_ci, self.hard_win_rates_ci = percentile_interval(means).unbind(0)
+        off_diagonal = torch.eye(k, dtype=torch.bool)[None, :, :, None]
+        minima = means.masked_fill(off_diagonal, math.inf).amin(dim=2)  # [2, k, R]
+        self.min_ci, self.hard_min_ci = percentile_interval(minima).unbind(0)
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.per_prompt.shape[-1])
 
     def _others(self, i: int) -> list[int]:
         return [j for j in range(len(self.names)) if j != i]
 
+    def _min(self, matrix: Tensor) -> dict[str, float]:
+        return {n: min(float(matrix[i, j]) for j in self._others(i)) for i, n in enumerate(self.names)}
+
     @property
     def min_win_rate(self) -> dict[str, float]:
-        """Each contestant's worst win rate against the others: its empirical exploitability."""
-        return {
-            n: min(float(self.win_rates[i, j]) for j in self._others(i)) for i, n in enumerate(self.names)
-        }
+        """Each contestant's worst (soft) win rate against the others: its empirical exploitability."""
+        return self._min(self.win_rates)
+
+    @property
+    def min_hard_win_rate(self) -> dict[str, float]:
+        """Each contestant's worst hard win rate (share of prompts won) against the others."""
+        return self._min(self.hard_win_rates)
+
+    @property
+    def min_win_rate_ci(self) -> dict[str, tuple[float, float]]:
+        """The bootstrap interval of :attr:`min_win_rate`: the minimum is taken in every resample."""
+        return {n: (float(lo), float(hi)) for n, (lo, hi) in zip(self.names, self.min_ci)}
+
+    @property
+    def min_hard_win_rate_ci(self) -> dict[str, tuple[float, float]]:
+        return {n: (float(lo), float(hi)) for n, (lo, hi) in zip(self.names, self.hard_min_ci)}
 
     @property
     def worst_opponent(self) -> dict[str, str]:
@@ -261,29 +338,96 @@ class RoundRobin:
         mins = self.min_win_rate
         return max(self.names, key=lambda n: (mins[n], -self.names.index(n)))
 
+    def head_to_head(self, a: str, b: str) -> WinRate:
+        """The result of ``a`` against ``b`` with both intervals, as the online loop logs it."""
+        i, j = self.names.index(a), self.names.index(b)
+        return WinRate(
+            soft=float(self.win_rates[i, j]),
+            soft_ci=tuple(self.win_rates_ci[i, j].tolist()),  # type: ignore[arg-type]
+            hard=float(self.hard_win_rates[i, j]),
+            hard_ci=tuple(self.hard_win_rates_ci[i, j].tolist()),  # type: ignore[arg-type]
+            num_prompts=self.num_prompts,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "checkpoints": self.names,
             "win_rates": self.win_rates.tolist(),
+            "win_rates_ci": _pairs(self.win_rates_ci),
+            "hard_win_rates": self.hard_win_rates.tolist(),
+            "hard_win_rates_ci": _pairs(self.hard_win_rates_ci),
             "stderr": self.stderr.tolist(),
+            "per_prompt_win_rates": self.per_prompt.tolist(),
             "num_prompts": self.num_prompts,
             "samples_per_prompt": self.samples_per_prompt,
+            "interval": {
+                "level": CI_LEVEL,
+                "method": "percentile bootstrap over prompts",
+                "resamples": BOOTSTRAP_RESAMPLES,
+                "seed": BOOTSTRAP_SEED,
+            },
             "min_win_rate": self.min_win_rate,
+            "min_win_rate_ci": {n: list(v) for n, v in self.min_win_rate_ci.items()},
+            "min_hard_win_rate": self.min_hard_win_rate,
+            "min_hard_win_rate_ci": {n: list(v) for n, v in self.min_hard_win_rate_ci.items()},
             "worst_opponent": self.worst_opponent,
             "mean_win_rate": self.mean_win_rate,
             "least_exploitable": self.least_exploitable,
         }
 
     def to_csv(self) -> str:
-        """The matrix as CSV: one row per contestant, one column per opponent, then its summary."""
+        """The soft matrix as CSV, one row per contestant, then its minimum (with interval) and summary."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["checkpoint", *self.names, "min_win_rate", "worst_opponent", "mean_win_rate"])
+        summary = ["min_win_rate", "min_win_rate_low", "min_win_rate_high", "worst_opponent"]
+        writer.writerow(["checkpoint", *self.names, *summary, "mean_win_rate", "min_hard_win_rate"])
         mins, worst, means = self.min_win_rate, self.worst_opponent, self.mean_win_rate
+        ci, hard = self.min_win_rate_ci, self.min_hard_win_rate
         for i, n in enumerate(self.names):
             cells = [f"{float(v):.6f}" for v in self.win_rates[i]]
-            writer.writerow([n, *cells, f"{mins[n]:.6f}", worst[n], f"{means[n]:.6f}"])
+            low, high = ci[n]
+            row = [n, *cells, f"{mins[n]:.6f}", f"{low:.6f}", f"{high:.6f}", worst[n]]
+            writer.writerow([*row, f"{means[n]:.6f}", f"{hard[n]:.6f}"])
         return out.getvalue()
+
+    def to_markdown(self) -> str:
+        """Both matrices as Markdown tables, each cell ``value [low, high]``, then each row's minimum."""
+        lines = [
+            f"{self.num_prompts} prompts × {self.samples_per_prompt} sample(s), both orders judged; "
+            f"{100 * CI_LEVEL:.0f}% percentile-bootstrap intervals over prompts.",
+            "",
+        ]
+        tables = (
+            (
+                "soft win rate (mean win probability), row vs column",
+                self.win_rates,
+                self.win_rates_ci,
+                self.min_win_rate,
+                self.min_win_rate_ci,
+            ),
+            (
+                "hard win rate (share of prompts won), row vs column",
+                self.hard_win_rates,
+                self.hard_win_rates_ci,
+                self.min_hard_win_rate,
+                self.min_hard_win_rate_ci,
+            ),
+        )
+        for title, matrix, ci, mins, min_ci in tables:
+            lines += [f"**{title}**", "", "| row vs column | " + " | ".join(self.names) + " | min |"]
+            lines.append("|---" * (len(self.names) + 2) + "|")
+            for i, n in enumerate(self.names):
+                cells = [
+                    "–" if i == j else _cell(float(matrix[i, j]), ci[i, j].tolist())
+                    for j in range(len(self.names))
+                ]
+                lines.append(f"| {n} | " + " | ".join(cells) + f" | {_cell(mins[n], min_ci[n])} |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _cell(value: float, interval: Sequence[float], sep: str = " ") -> str:
+    return f"{value:.2f}{sep}[{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def round_robin(
@@ -311,44 +455,65 @@ def round_robin(
     }
     answers = judge.answer(oracle)
     k = len(names)
-    rates = torch.full((k, k), 0.5, dtype=torch.float64)
-    stderr = torch.zeros((k, k), dtype=torch.float64)
+    per_prompt = torch.full((k, k, len(prompts)), 0.5, dtype=torch.float64)
     for (i, j), questions in games.items():
-        per_prompt = _resolve(questions, answers)
-        rates[i, j], rates[j, i] = per_prompt.mean(), 1.0 - per_prompt.mean()
-        if len(per_prompt) > 1:
-            stderr[i, j] = stderr[j, i] = per_prompt.std() / math.sqrt(len(per_prompt))
+        rates = _resolve(questions, answers)
+        per_prompt[i, j], per_prompt[j, i] = rates, 1.0 - rates
     n = len(next(iter(samples.values()))[0])
-    return RoundRobin(names, rates, stderr, len(prompts), n)
+    return RoundRobin(names, per_prompt, n)
 
 
 # ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
 def plot_heatmap(result: RoundRobin, path: str | Path) -> Path:
-    """An annotated heatmap of the win-rate matrix (row's win rate against column), saved atomically.
+    """Annotated heatmaps of the soft and the hard win-rate matrix (row against column), saved atomically.
 
-    matplotlib is imported here, through its object-oriented API, so no global backend changes.
+    Each cell shows its value and its bootstrap interval; each row label its minimum with the
+    minimum's interval. matplotlib is imported here, through its object-oriented API, so no
+    global backend changes.
     """
     from matplotlib.figure import Figure
 
     k = len(result.names)
-    mins = result.min_win_rate
-    size = 2.2 + 0.75 * k
-    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(result.win_rates.numpy(), cmap="RdBu", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, label="win rate of row vs column")
-    for i in range(k):
-        for j in range(k):
-            value = float(result.win_rates[i, j])
-            color = "white" if abs(value - 0.5) > 0.3 else "black"
-            ax.text(j, i, "–" if i == j else f"{100 * value:.0f}%", ha="center", va="center", color=color)
-    ax.set_xticks(range(k), result.names, rotation=45, ha="right")
-    ax.set_yticks(range(k), [f"{n} (min {100 * mins[n]:.0f}%)" for n in result.names])
-    ax.set_xlabel("opponent")
+    size = 2.4 + 1.0 * k
+    fig = Figure(figsize=(2 * size + 2.4, size), layout="constrained")
+    axes = fig.subplots(1, 2)
+    panels = (
+        (
+            "soft: mean win probability",
+            result.win_rates,
+            result.win_rates_ci,
+            result.min_win_rate,
+            result.min_win_rate_ci,
+        ),
+        (
+            "hard: share of prompts won",
+            result.hard_win_rates,
+            result.hard_win_rates_ci,
+            result.min_hard_win_rate,
+            result.min_hard_win_rate_ci,
+        ),
+    )
+    fontsize = "small" if k <= 5 else "x-small"
+    for ax, (title, matrix, ci, mins, min_ci) in zip(axes, panels):
+        image = ax.imshow(matrix.numpy(), cmap="RdBu", vmin=0.0, vmax=1.0)
+        for i in range(k):
+            for j in range(k):
+                value = float(matrix[i, j])
+                color = "white" if abs(value - 0.5) > 0.3 else "black"
+                text = "–" if i == j else _cell(value, ci[i, j].tolist(), "\n")
+                ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
+        ax.set_xticks(range(k), result.names, rotation=45, ha="right")
+        ax.set_yticks(range(k), [f"{n}\nmin {_cell(mins[n], min_ci[n])}" for n in result.names])
+        ax.set_xlabel("opponent")
+        ax.set_title(title, fontsize="medium")
+    fig.colorbar(image, ax=axes, label="win rate of row vs column", shrink=0.8)
     prompts = f"{result.num_prompts} prompt{'s' if result.num_prompts != 1 else ''}"
-    ax.set_title(f"round robin on {prompts}, both orders judged", fontsize="medium")
+    fig.suptitle(
+        f"round robin on {prompts}, both orders judged; {100 * CI_LEVEL:.0f}% bootstrap intervals over prompts",
+        fontsize="medium",
+    )
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
@@ -358,14 +523,16 @@ def plot_heatmap(result: RoundRobin, path: str | Path) -> Path:
 def write_results(
     result: RoundRobin, out_dir: str | Path, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Path]:
-    """Write ``win_rates.json`` (``extra`` merged in), ``win_rates.csv`` and ``win_rates.png``."""
+    """Write ``win_rates.json`` (``extra`` merged in), ``.csv``, ``.md`` and the heatmap ``.png``."""
     out_dir = Path(out_dir)
     paths = {
         "json": out_dir / "win_rates.json",
         "csv": out_dir / "win_rates.csv",
+        "markdown": out_dir / "win_rates.md",
         "heatmap": out_dir / "win_rates.png",
     }
     write_json(paths["json"], {**result.to_dict(), **(extra or {})})
     atomic_write(paths["csv"], result.to_csv())
+    atomic_write(paths["markdown"], result.to_markdown())
     plot_heatmap(result, paths["heatmap"])
     return paths

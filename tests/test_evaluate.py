@@ -116,9 +116,9 @@ def test_bootstrap_interval_covers_the_mean_is_reproducible_and_mirrors():
     assert rows.shape == (2, 2) and rows[0].tolist() == [low, high]
     assert bootstrap_ci(values, level=0.5).tolist()[0] > low  # a narrower level, a narrower interval
     assert all(math.isnan(v) for v in bootstrap_ci(torch.zeros(0)).tolist())
-    with pytest.raises(ValueError, match=r"resamples=0 must be >= 1 and level=0.95"):
+    with pytest.raises(ValueError, match=r"resamples=0: expected at least 1 bootstrap resample"):
         bootstrap_ci(values, resamples=0)
-    with pytest.raises(ValueError, match=r"level=1.5 in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"level=1.5: expected an interval level in \(0, 1\)"):
         bootstrap_ci(values, level=1.5)
 
 
@@ -159,9 +159,11 @@ def test_round_robin_matrix_minimum_and_worst_opponent():
 def test_a_nash_mixture_is_not_exploitable_in_a_cyclic_game():
     """The paper's point on a tiny scale: each pure strategy loses to another; the uniform mix wins ≥ 50%."""
     responses = {
-        "rock": [["rock"] * 3], "paper": [["paper"] * 3], "scissors": [["scissors"] * 3],
+        "rock": [["rock"] * 3],
+        "paper": [["paper"] * 3],
+        "scissors": [["scissors"] * 3],
         "mixed": [["rock", "paper", "scissors"]],
-    }  # fmt: skip
+    }
     result = round_robin(RockPaperScissors(), ["play"], responses)
     assert result.min_win_rate == pytest.approx({"rock": 0.0, "paper": 0.0, "scissors": 0.0, "mixed": 0.5})
     assert result.worst_opponent["rock"] == "paper"
@@ -173,9 +175,8 @@ def test_stderr_over_prompts():
     # A wins prompt x (0.6) and loses prompt y (0.4): per-prompt std = 0.1414, stderr = 0.1
     result = round_robin(LengthJudge(), PROMPTS, {"A": ["aa", "a"], "B": ["a", "aa"]})
     assert float(result.win_rates[0, 1]) == pytest.approx(0.5)
-    assert float(result.stderr[0, 1]) == pytest.approx(0.1) and float(result.stderr[1, 0]) == pytest.approx(
-        0.1
-    )
+    assert result.stderr[0, 1].item() == pytest.approx(0.1)
+    assert result.stderr[1, 0].item() == pytest.approx(0.1)
 
 
 def test_round_robin_errors():
@@ -187,27 +188,82 @@ def test_round_robin_errors():
         round_robin(LengthJudge(), ["x"], {"A": [["a", "b"]], "B": [["a"]]})
 
 
-def test_outputs_json_csv_and_heatmap(tmp_path: Path):
+def test_outputs_json_csv_markdown_and_heatmap(tmp_path: Path):
     result = round_robin(LengthJudge(), PROMPTS, {"A": ["aaaa", "aaaa"], "B": ["bbb", "bb"], "C": ["c", "c"]})
     paths = write_results(result, tmp_path, extra={"seed": 3})
     data = json.loads(paths["json"].read_text())
     assert data["checkpoints"] == ["A", "B", "C"] and data["seed"] == 3
     assert data["min_win_rate"] == pytest.approx({"A": 0.6, "B": 0.4, "C": 0.4})
+    assert data["min_win_rate_ci"]["A"] == pytest.approx([0.6, 0.6])
     assert data["win_rates"][0] == pytest.approx([0.5, 0.6, 0.6])
+    assert data["hard_win_rates"][0] == [0.5, 1.0, 1.0] and data["win_rates_ci"][0][1] == pytest.approx(
+        [0.6, 0.6]
+    )
     rows = list(csv.reader(paths["csv"].read_text().splitlines()))
-    assert rows[0] == ["checkpoint", "A", "B", "C", "min_win_rate", "worst_opponent", "mean_win_rate"]
-    assert rows[3][0] == "C" and float(rows[3][1]) == pytest.approx(0.4) and rows[3][5] == "A"
+    assert rows[0] == [
+        "checkpoint",
+        "A",
+        "B",
+        "C",
+        "min_win_rate",
+        "min_win_rate_low",
+        "min_win_rate_high",
+        "worst_opponent",
+        "mean_win_rate",
+        "min_hard_win_rate",
+    ]
+    assert rows[3][0] == "C" and float(rows[3][1]) == pytest.approx(0.4) and rows[3][7] == "A"
+    markdown = paths["markdown"].read_text()
+    assert "| A | – | 0.60 [0.60, 0.60] | 0.60 [0.60, 0.60] | 0.60 [0.60, 0.60] |" in markdown
+    assert "| C | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00] | – | 0.00 [0.00, 0.00] |" in markdown  # hard table
     png = paths["heatmap"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
 def test_round_robin_to_dict_is_plain_json():
-    result = RoundRobin(["a", "b"], torch.tensor([[0.5, 0.7], [0.3, 0.5]], dtype=torch.float64),
-                        torch.zeros(2, 2, dtype=torch.float64), num_prompts=4, samples_per_prompt=1)  # fmt: skip
-    text = json.dumps(result.to_dict())
-    assert json.loads(text)["least_exploitable"] == "a"
+    per_prompt = torch.tensor([[[0.5] * 4, [0.6, 0.8, 0.7, 0.7]], [[0.4, 0.2, 0.3, 0.3], [0.5] * 4]])
+    result = RoundRobin(["a", "b"], per_prompt, samples_per_prompt=1)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["least_exploitable"] == "a" and data["num_prompts"] == 4
+    assert data["win_rates"] == [[0.5, pytest.approx(0.7)], [pytest.approx(0.3), 0.5]]
+    assert data["hard_win_rates"] == [[0.5, 1.0], [0.0, 0.5]]
+    assert data["min_hard_win_rate_ci"] == {"a": [1.0, 1.0], "b": [0.0, 0.0]}
+    assert data["interval"]["level"] == 0.95 and len(data["per_prompt_win_rates"][0][1]) == 4
     assert result.mean_win_rate == pytest.approx({"a": 0.7, "b": 0.3})
     assert result.worst_opponent == {"a": "b", "b": "a"}
+    with pytest.raises(
+        ValueError, match=r"per_prompt: expected shape \[2, 2, prompts >= 1\] .* got \(2, 2\)"
+    ):
+        RoundRobin(["a", "b"], per_prompt.mean(-1), samples_per_prompt=1)
+
+
+def test_round_robin_intervals_hard_matrix_and_minimum_interval():
+    # A beats B on 15 of 20 prompts by a little (0.55) and loses 5 (0.45); C loses to both everywhere
+    prompts = [f"p{i}" for i in range(20)]
+    a = ["aaaa" if i < 15 else "a" for i in range(20)]
+    b = ["aa"] * 20
+    c = [""] * 20
+    result = round_robin(LengthJudge(-0.1), prompts, {"A": a, "B": b, "C": c})
+    assert float(result.win_rates[0, 1]) == pytest.approx(0.55)  # soft: 15·0.6 + 5·0.4 over 20
+    assert float(result.hard_win_rates[0, 1]) == pytest.approx(0.75)  # hard: 15 of 20 prompts
+    assert float(result.hard_win_rates[0, 2]) == 1.0 and float(result.hard_win_rates[2, 0]) == 0.0
+    for matrix, ci in (
+        (result.win_rates, result.win_rates_ci),
+        (result.hard_win_rates, result.hard_win_rates_ci),
+    ):
+        assert torch.all(ci[..., 0] <= matrix + 1e-12) and torch.all(matrix <= ci[..., 1] + 1e-12)
+        assert torch.allclose(ci[..., 0] + ci.transpose(0, 1)[..., 1], torch.ones(3, 3, dtype=torch.float64))
+    low, high = result.hard_win_rates_ci[0, 1].tolist()
+    assert 0.5 < low < 0.75 < high < 1.0  # 15/20 won: the interval excludes a coin flip
+    assert result.win_rates_ci[0, 2].tolist() == pytest.approx([0.6, 0.6])  # every prompt the same
+    # the minimum's interval is the bootstrap of the minimum, not the interval of the worst cell
+    assert result.min_win_rate == pytest.approx({"A": 0.55, "B": 0.45, "C": 0.4})
+    assert result.min_win_rate_ci["C"] == pytest.approx((0.4, 0.4))
+    lo, hi = result.min_win_rate_ci["A"]
+    assert lo <= 0.55 <= hi and (lo, hi) == pytest.approx(tuple(result.win_rates_ci[0, 1].tolist()))
+    assert result.min_hard_win_rate == pytest.approx({"A": 0.75, "B": 0.25, "C": 0.0})
+    h2h = result.head_to_head("A", "B")
+    assert h2h.soft == pytest.approx(0.55) and h2h.hard_ci == (low, high) and h2h.num_prompts == 20
 
 
 # -- the task, end to end on model=tiny --------------------------------------------------------------
@@ -231,10 +287,15 @@ def test_evaluate_task_end_to_end_on_tiny_checkpoints(tmp_path: Path, monkeypatc
 
     tiny_checkpoints(tmp_path)
     overrides = [
-        "experiment=evaluate", "model=tiny", "oracle=rule", "task.include_initial=true",
+        "experiment=evaluate",
+        "model=tiny",
+        "oracle=rule",
+        "task.include_initial=true",
         f"task.checkpoints=[{tmp_path / 'runA'},{tmp_path / 'runB'}]",
-        "task.max_prompts=2", "task.max_new_tokens=4", "sampler.batch_size=8",
-    ]  # fmt: skip
+        "task.max_prompts=2",
+        "task.max_new_tokens=4",
+        "sampler.batch_size=8",
+    ]
     out = tmp_path / "eval"
     summary = run_job(overrides, out)
     assert summary["checkpoints"] == ["initial", "runA/iter_000", "runB/iter_000"]
@@ -245,7 +306,11 @@ def test_evaluate_task_end_to_end_on_tiny_checkpoints(tmp_path: Path, monkeypatc
     assert all(abs(rates[i][j] + rates[j][i] - 1) < 1e-9 for i in range(3) for j in range(3))
     assert data["num_prompts"] == 2 and set(data["sources"]) == set(summary["checkpoints"])
     assert summary["min_win_rate"]["initial"] == min(rates[0][1], rates[0][2])
+    assert data["hard_win_rates"][0][1] == 0.5 and data["win_rates_ci"][0][1] == [0.5, 0.5]
+    assert set(summary["min_win_rate_ci"]) == set(summary["checkpoints"]) and "min_hard_win_rate" in summary
+    assert "win_rates" not in summary and "per_prompt_win_rates" not in summary  # matrices stay in the JSON
     assert (out / "win_rates.csv").is_file() and (out / "win_rates.png").stat().st_size > 0
+    assert "hard win rate" in (out / "win_rates.md").read_text()
     assert len(list((out / "responses").glob("*.json"))) == 3
 
     def no_sampling(*args, **kwargs):

@@ -2,8 +2,9 @@
 
 ``python -m comalkit experiment=evaluate 'task.checkpoints=[runA,runB/checkpoints/iter_002]'``
 samples responses from every checkpoint on the data source's held-out prompts, judges every
-pair of checkpoints in both orders (see :mod:`comalkit.evaluate`), and writes
-``win_rates.json``, ``win_rates.csv`` and the heatmap ``win_rates.png``.
+pair of checkpoints in both orders (see :mod:`comalkit.evaluate`), and writes soft and hard
+win rates with bootstrap intervals to ``win_rates.json``, ``.csv``, ``.md`` and the heatmap
+``win_rates.png``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from comalkit.registry import ConfigError, current_choice, instantiate, param, p
 log = logging.getLogger("comalkit.evaluate")
 #: the name of the untrained model when ``include_initial`` is set
 INITIAL = "initial"
+#: the per-cell entries of ``win_rates.json`` left out of ``summary.json`` (which keeps the per-row ones)
+MATRICES = (
+    "win_rates",
+    "win_rates_ci",
+    "hard_win_rates",
+    "hard_win_rates_ci",
+    "stderr",
+    "per_prompt_win_rates",
+)
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -125,8 +135,9 @@ class EvaluateTask(Task):
         paths = write_results(result, run.out_dir, extra={"sources": sources, "seed": seed})
         log.info("round robin (row vs column):\n%s", result.to_csv())
         summary = {
-            **{k: v for k, v in result.to_dict().items() if k not in ("win_rates", "stderr")},
+            **{k: v for k, v in result.to_dict().items() if k not in MATRICES},
             "win_rates_json": str(paths["json"]),
+            "win_rates_md": str(paths["markdown"]),
             "heatmap": str(paths["heatmap"]),
         }
         summary["oracle"] = oracle.diagnostics()
@@ -220,9 +231,14 @@ def load_policy(model: Any, path: Path | None) -> Any:
         bare = without_lora(model).build()
         base = (bare.model, bare.tokenizer)
     return LMPolicy.from_checkpoint(
-        path, base=base, max_length=model.max_length, max_prompt_length=model.max_prompt_length,
-        truncation=model.truncation, device=model.device, autocast=model.autocast,
-    )  # fmt: skip
+        path,
+        base=base,
+        max_length=model.max_length,
+        max_prompt_length=model.max_prompt_length,
+        truncation=model.truncation,
+        device=model.device,
+        autocast=model.autocast,
+    )
 
 
 def without_lora(model: Any) -> Any:
