@@ -354,6 +354,45 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def join_ranks(cfg: DictConfig) -> None:
+    """Under torchrun or SLURM (several processes, each running this command): join the ranks.
+
+    Rank 0 goes on to run the job as the only writing process. Every other rank leaves here:
+    it takes no lock, writes nothing (not even ``.hydra/``, which Hydra writes after this
+    callback), trains in each fit rank 0 starts, and exits with rank 0's exit code.
+    """
+    from comalkit.distributed import follow_rank_zero, is_writing_rank, join_launcher, launcher_world
+
+    if launcher_world() == 1:
+        return
+    trainer = cfg.get("trainer")
+    accelerator = str(trainer.get("accelerator", "cpu")) if isinstance(trainer, DictConfig) else "cpu"
+    try:
+        join_launcher(accelerator)
+    except Exception as exc:
+        sys.exit(report(exc))
+    if is_writing_rank():
+        return
+
+    def build_policy() -> Any:
+        registry.load_entry_points()
+        return instantiate(cfg.model).build()
+
+    try:
+        code = follow_rank_zero(build_policy)
+    except Exception as exc:
+        code = report(exc)
+    sys.exit(code)
+
+
+def end_ranks(code: int) -> int:
+    """Rank 0 of torchrun or SLURM: hand the job's exit code to the other ranks; return it."""
+    from comalkit.distributed import finish_ranks
+
+    finish_ranks(code)
+    return code
+
+
 class Preflight(Callback):
     """Hydra callback: :func:`preflight` before Hydra creates the run directory and writes ``.hydra/``,
     so a bad config or a directory holding another config's results is refused untouched. For a
@@ -361,6 +400,18 @@ class Preflight(Callback):
     directory exists; each job still runs :func:`preflight` on its own directory."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from comalkit.distributed import launcher_world
+
+        if launcher_world() > 1:
+            sys.exit(
+                report(
+                    ConfigError(
+                        f"a sweep (-m) under torchrun or SLURM ({launcher_world()} processes): each job would "
+                        "run on every rank; start the sweep once and let hydra/launcher=slurm start each "
+                        "job's ranks (docs/scaling.md)"
+                    )
+                )
+            )
         if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return  # another sweeper draws its jobs itself; each is checked when it starts
         from hydra import compose
@@ -379,10 +430,11 @@ class Preflight(Callback):
         task_cfg = copy.deepcopy(config)
         with open_dict(task_cfg):
             del task_cfg["hydra"]
+        join_ranks(task_cfg)
         try:
             preflight(task_cfg, out_dir)
         except Exception as exc:
-            sys.exit(report(exc))
+            sys.exit(end_ranks(report(exc)))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -393,6 +445,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = execute(cfg)
     except (Exception, Interrupted) as exc:
-        sys.exit(report(exc))
+        sys.exit(end_ranks(report(exc)))
+    end_ranks(0)
     objective = summary.get("objective")  # lets sweepers minimise one number
     return float(objective) if isinstance(objective, (int, float)) else None

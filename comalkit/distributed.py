@@ -20,12 +20,16 @@ gets a contiguous slice of the same global batch that one process would train on
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import datetime
 import importlib.util
 import io
 import os
 import pickle
 import random
 import socket
+import sys
 import threading
 import traceback
 from collections.abc import Iterator, Sequence
@@ -116,6 +120,16 @@ def check_layout(cfg: Any) -> list[tuple[bool, str]]:
                 "started by torchrun or SLURM (docs/scaling.md); comalkit starts ranks on one node only",
             )
         )
+    launched = launcher_world()
+    if launched > 1:
+        checks.append(
+            (
+                world == launched,
+                f"trainer.devices x trainer.num_nodes = {world} processes, but the launcher started {launched} "
+                "(WORLD_SIZE or SLURM_NTASKS); set trainer.devices to the processes per node and "
+                "trainer.num_nodes to the nodes (docs/scaling.md)",
+            )
+        )
     if cfg.strategy in FSDP_NAMES:
         checks.append(
             (
@@ -139,14 +153,40 @@ def check_layout(cfg: Any) -> list[tuple[bool, str]]:
     return checks
 
 
-def launched_externally() -> bool:
-    """True when this process is one rank of several started by torchrun, SLURM or comalkit."""
-    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
-        return True
+def launcher_world() -> int:
+    """How many processes torchrun or SLURM started for this job; 1 without such a launcher.
+
+    comalkit's own workers (:func:`spawn_fit`) drop their launcher's variables, so they count 1.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if _slurm_tasks():
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def _slurm_tasks() -> bool:
+    """One of several SLURM tasks of a batch job (``srun`` in an interactive shell is not a launch)."""
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_JOB_NAME") not in (
         "bash",
         "interactive",
     )
+
+
+def is_writing_rank() -> bool:
+    """Whether this process writes the run's files: the only process, or rank 0 of torchrun/SLURM.
+
+    Under an external launcher every process runs ``python -m comalkit``; rank 0 runs the job
+    and the others only train with it (:func:`follow_rank_zero`), so one process writes.
+    """
+    return launcher_world() == 1 or current_rank() == 0
+
+
+def launched_externally() -> bool:
+    """True when this process is one rank of several started by torchrun, SLURM or comalkit."""
+    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    return _slurm_tasks()
 
 
 def current_rank() -> int:
@@ -440,3 +480,132 @@ def _picklable(exc: BaseException, rank: int) -> BaseException:
     except Exception:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return RuntimeError(f"training rank {rank} failed:\n{text}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Under torchrun or SLURM: rank 0 runs the job, the other ranks follow it into each fit
+# ---------------------------------------------------------------------------------------------
+#: how long a follower waits for rank 0's next message (rank 0 samples and judges meanwhile)
+CONTROL_TIMEOUT = datetime.timedelta(days=7)
+
+
+class _Launch:
+    """This process's place in a job that torchrun or SLURM started (set by :func:`join_launcher`)."""
+
+    control: Any = None  # a gloo group for rank 0's messages, whatever the training backend
+    leading = False  # rank 0 of a ``python -m comalkit`` job: tells the followers about each fit
+    finished = False
+
+
+def join_launcher(accelerator: str) -> None:
+    """Join the launcher's process group (every rank, before any work) and open the message group.
+
+    The address, port and ranks are those Lightning reads from the same launcher (its
+    ``TorchElasticEnvironment`` or ``SLURMEnvironment``), so the Trainer later finds the group
+    initialised and reuses it. A CUDA rank selects its own device first (``LOCAL_RANK``).
+    """
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    cuda = on_gpu(accelerator) and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))))
+    if not dist.is_initialized():
+        env = TorchElasticEnvironment() if TorchElasticEnvironment.detect() else SLURMEnvironment()
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.main_address, str(env.main_port)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", rank=env.global_rank(), world_size=env.world_size()
+        )
+    _Launch.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    _Launch.leading = is_writing_rank()
+    if _Launch.leading:
+        atexit.register(finish_ranks, 1)  # rank 0 ended some other way: the followers stop too
+
+
+def _broadcast(message: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=_Launch.control)
+    return box[0]
+
+
+def lead_followers(
+    policy: Any,
+    solver: Any,
+    train_records: Sequence[Any],
+    cfg: Any,
+    out_dir: str | Path,
+    val_records: Sequence[Any] | None,
+    step_offset: int,
+) -> None:
+    """On rank 0 of a comalkit job, send the other ranks what this fit trains on; else do nothing.
+
+    They get the policy's trainable weights, the solver, the records (with their frozen
+    log-probs) and the trainer config, so every rank starts the fit from the same state.
+    Rank 0's callbacks and run logger stay on rank 0.
+    """
+    if not _Launch.leading or _Launch.finished:
+        return
+    job = {
+        "snapshot": policy.snapshot(),
+        "solver": solver,
+        "train": list(train_records),
+        "val": list(val_records) if val_records else None,
+        "cfg": cfg,
+        "out_dir": str(out_dir),
+        "step_offset": step_offset,
+    }
+    buffer = io.BytesIO()
+    torch.save(job, buffer)
+    _broadcast(("fit", buffer.getvalue()))
+
+
+def finish_ranks(code: int) -> None:
+    """On rank 0, tell the other ranks the job's exit code (once); they exit with it."""
+    if not _Launch.leading or _Launch.finished:
+        return
+    _Launch.finished = True
+    import torch.distributed as dist
+
+    try:
+        _broadcast(("exit", int(code)))
+        dist.barrier(group=_Launch.control)
+    except Exception as exc:  # a follower died already (the launcher ends the job anyway)
+        print(f"comalkit: could not tell the other ranks to stop ({exc})", file=sys.stderr, flush=True)
+
+
+def follow_rank_zero(build_policy: Any) -> int:
+    """A rank other than 0: train in each fit rank 0 announces; return rank 0's exit code.
+
+    Such a rank takes no lock and writes no file: rank 0 alone samples, judges, evaluates and
+    writes (docs/scaling.md). ``build_policy()`` makes this rank's copy of the policy at the
+    first fit, after rank 0 has built its own.
+    """
+    import torch.distributed as dist
+
+    from comalkit.training import fit_as_rank
+
+    policy = None
+    while True:
+        kind, payload = _broadcast(None)
+        if kind == "exit":
+            with contextlib.suppress(Exception):
+                dist.barrier(group=_Launch.control)
+            return int(payload)
+        job = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+        policy = policy if policy is not None else build_policy()
+        policy.load_snapshot(job["snapshot"])
+        fit_as_rank(
+            policy,
+            job["solver"],
+            job["train"],
+            job["cfg"],
+            job["out_dir"],
+            job["val"],
+            None,
+            job["step_offset"],
+            [],
+            rank=current_rank(),
+            world=launcher_world(),
+        )

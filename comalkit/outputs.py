@@ -275,6 +275,12 @@ def lock_run_dir(out_dir: str | Path) -> None:
     ``flock`` locks belong to the open file, so the kernel drops it when the process dies,
     however it dies: a killed run never leaves a stale lock behind.
     """
+    from comalkit.distributed import current_rank, is_writing_rank
+
+    if not is_writing_rank():  # under torchrun or SLURM only rank 0 writes (docs/scaling.md)
+        raise RuntimeError(
+            f"rank {current_rank()} of torchrun or SLURM tried to lock {out_dir}; only rank 0 runs the job"
+        )
     out_dir = Path(out_dir).resolve()
     if out_dir in _LOCKS:
         return

@@ -741,6 +741,9 @@ def fit(
             policy, solver, train_records, cfg, out_dir, val_records, run, step_offset, callbacks
         )
     elif world > 1:  # one rank of several that torchrun or SLURM started
+        from comalkit.distributed import lead_followers
+
+        lead_followers(policy, solver, train_records, cfg, out_dir, val_records, step_offset)
         result = fit_as_rank(
             policy,
             solver,
