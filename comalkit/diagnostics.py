@@ -52,6 +52,15 @@ def cycle_counts(matrix: Tensor) -> tuple[int, int]:
     return cycles, triples
 
 
+def pooled_cycle_counts(matrices: Sequence[Tensor]) -> tuple[int, int]:
+    """``(cyclic triples, all triples)`` summed over prompts, one K×K matrix each."""
+    cycles = triples = 0
+    for m in matrices:
+        c, t = cycle_counts(m)
+        cycles, triples = cycles + c, triples + t
+    return cycles, triples
+
+
 def cycle_rate(matrices: Sequence[Tensor]) -> float | None:
     """The share of response triples that form a strict preference cycle, pooled over prompts.
 
@@ -59,8 +68,5 @@ def cycle_rate(matrices: Sequence[Tensor]) -> float | None:
     ``None`` when no matrix has three responses: with fewer than three, a cycle cannot exist and
     the rate is not defined (rather than 0, which would claim the oracle was transitive).
     """
-    cycles = triples = 0
-    for m in matrices:
-        c, t = cycle_counts(m)
-        cycles, triples = cycles + c, triples + t
+    cycles, triples = pooled_cycle_counts(matrices)
     return cycles / triples if triples else None

@@ -171,6 +171,22 @@ class LoopSettings:
 
 
 @dataclass
+class Initial:
+    """The run's start (stage ``iterations/initial/``): π_init and two draws of its held-out responses.
+
+    ``responses`` are drawn with the held-out seed every iteration's policy shares (common
+    random numbers); ``control`` a second time with another seed. Scored against
+    ``responses``, the control is ``win_rate/control``: the win rate of a policy that did not
+    change, the measured noise floor of every win rate (docs/evaluation.md). ``None`` for a run
+    started before the control existed.
+    """
+
+    snapshot: Snapshot
+    responses: list[str]
+    control: list[str] | None
+
+
+@dataclass
 class Carry:
     """What one iteration hands the next: μ and the held-out responses of the last policy."""
 
@@ -226,12 +242,12 @@ class MetaLoop:
             log.info("removed %d temporary file(s) of an interrupted run", len(removed))
         start = self.read_state()["completed"] + 1
         eval_prompts = self.prompts.eval_prompts()[: s.eval_prompts]
-        initial_snapshot, initial_eval = self._initial(eval_prompts)
+        initial = self._initial(eval_prompts)
         if start > 0:
             log.info("resuming after iteration %d of %d", start, s.iterations)
             carry = self._carry_after(start - 1)
         else:
-            carry = Carry(initial_snapshot, initial_eval)
+            carry = Carry(initial.snapshot, initial.responses)
         metrics_file = self.root / "metrics.jsonl"
         logged = (
             {row.get("iteration") for row in read_metrics(metrics_file)} if metrics_file.exists() else set()
@@ -240,7 +256,7 @@ class MetaLoop:
         durations: list[float] = []
         for k in range(start, s.iterations):
             began = time.perf_counter()
-            metrics, carry = self.iteration(k, carry, initial_eval, eval_prompts)
+            metrics, carry = self.iteration(k, carry, initial, eval_prompts)
             self._finish_iteration(k, metrics, logged)
             durations.append(time.perf_counter() - began)
             eta = (s.iterations - k - 1) * sum(durations) / len(durations)
@@ -256,10 +272,11 @@ class MetaLoop:
             metrics = json.loads((self.iter_dir(s.iterations - 1) / "metrics.json").read_text())
         final = self.root / "checkpoints" / f"iter_{s.iterations - 1:03d}"
         rounds = self.reference_updater.round_of(s.iterations - 1) + 1
-        return {**metrics, "final_checkpoint": str(final), "iterations": s.iterations, "rounds": rounds}
+        summary = {**metrics, **self._run_cycle_rate(s.iterations)}
+        return {**summary, "final_checkpoint": str(final), "iterations": s.iterations, "rounds": rounds}
 
     def iteration(
-        self, k: int, carry: Carry, initial_eval: list[str], eval_prompts: list[str]
+        self, k: int, carry: Carry, initial: Initial, eval_prompts: list[str]
     ) -> tuple[dict[str, Any], Carry]:
         """One inner iteration of round ``round_of(k)``, as its seven stages."""
         d = self.iter_dir(k)
@@ -279,7 +296,7 @@ class MetaLoop:
             d,
             EVALUATE,
             k,
-            lambda _: self._evaluate(k, eval_prompts, carry.previous_eval, initial_eval, carry.reference),
+            lambda _: self._evaluate(k, eval_prompts, carry.previous_eval, initial, carry.reference),
         )  # before the reference stage: the KL is to the μ this iteration was trained against
         reference = self._stage(d, REFERENCE, k, lambda _: self._reference(k, carry.reference))
         moved = bool(reference.value[1]["moved"])
@@ -292,6 +309,7 @@ class MetaLoop:
             **train_metrics.get("train", {}),
             "train_steps": train_metrics.get("steps"),
             **{key: v for key, v in evaluation.value.items() if key != "responses"},
+            **cycle_metrics(wins.value),
             **pairs.value["stats"],
             "response_chars": sum(lengths) / max(len(lengths), 1),
             **{
@@ -388,26 +406,42 @@ class MetaLoop:
         check_finite_snapshot(snapshot, f"iteration {k + 1}: the trained policy")
         return snapshot, metrics
 
-    def _evaluate(self, k, prompts, previous_eval, initial_eval, reference: Snapshot) -> dict[str, Any]:
+    def _eval_seed(self) -> int:
+        """The one seed of every held-out draw: common random numbers (docs/evaluation.md).
+
+        The initial policy and every iteration's policy sample the held-out prompts with the
+        same seed, so each prompt's response differs only where the policy does, and an
+        unchanged policy scores exactly ½ against the initial one."""
+        return stage_seed(self.settings.seed, -1, "evaluate")
+
+    def _evaluate(self, k, prompts, previous_eval, initial: Initial, reference: Snapshot) -> dict[str, Any]:
         """Held-out responses of the new policy; win rates vs the previous and initial policy.
 
+        The responses are drawn with :meth:`_eval_seed`, as the initial ones were. Beside them
+        the untrained control's win rate (see :class:`Initial`), judged here rather than in the
+        initial stage so that stage asks the oracle nothing; its judgments repeat every
+        iteration and come from the oracle cache. Each win rate is logged soft and hard with
+        bootstrap intervals (:meth:`comalkit.evaluate.WinRate.metrics`).
         ``kl_to_reference`` estimates KL(π‖μ) as the mean of log π(y) − log μ(y) over y ~ π, with μ
         the reference this iteration was trained against."""
-        from comalkit.evaluate import win_rate
+        from comalkit.evaluate import win_rate_stats
 
         s = self.settings
         if not prompts:
             return {"responses": []}
         before = self._failed_judgments()
-        responses = [r[0] for r in self._generate(prompts, 1, stage_seed(s.seed, k, "evaluate"), "evaluate")]
+        responses = [r[0] for r in self._generate(prompts, 1, self._eval_seed(), "evaluate")]
         logp_policy = self.policy.logps(prompts, responses, batch_size=s.logp_batch_size)
         logp_ref = self.policy.logps(prompts, responses, snapshot=reference, batch_size=s.logp_batch_size)
         result = {
             "responses": responses,
-            "win_rate/previous": win_rate(self.oracle, prompts, responses, previous_eval),
-            "win_rate/initial": win_rate(self.oracle, prompts, responses, initial_eval),
+            **win_rate_stats(self.oracle, prompts, responses, previous_eval).metrics("win_rate/previous"),
+            **win_rate_stats(self.oracle, prompts, responses, initial.responses).metrics("win_rate/initial"),
             "kl_to_reference": float((logp_policy - logp_ref).mean()),
         }
+        if initial.control is not None:
+            control = win_rate_stats(self.oracle, prompts, initial.control, initial.responses)
+            result |= control.metrics("win_rate/control")
         self._check_judgments(k, "evaluate", before)
         check_finite_numbers(result, f"iteration {k + 1}: evaluation")
         return result
@@ -418,20 +452,36 @@ class MetaLoop:
             check_finite_snapshot(new, f"iteration {k + 1}: the new reference")
         return (reference if new is None else new), {"moved": new is not None}
 
-    def _initial(self, eval_prompts: list[str]) -> tuple[Snapshot, list[str]]:
-        """The run's exact initial weights and their held-out responses (stage ``iterations/initial/``)."""
+    def _initial(self, eval_prompts: list[str]) -> Initial:
+        """The run's exact initial weights and two draws of their held-out responses (see :class:`Initial`).
+
+        One stage (``iterations/initial/``), so a resumed run redraws neither."""
 
         def compute(_: Path) -> tuple[Snapshot, dict[str, Any]]:
-            responses = [
-                r[0]
-                for r in self._generate(eval_prompts, 1, stage_seed(self.settings.seed, -1, "evaluate"), None)
-            ]
-            return self.policy.snapshot(), {"responses": responses}
+            responses = [r[0] for r in self._generate(eval_prompts, 1, self._eval_seed(), None)]
+            seed = stage_seed(self.settings.seed, -1, "control")
+            control = [r[0] for r in self._generate(eval_prompts, 1, seed, None)] if eval_prompts else []
+            return self.policy.snapshot(), {"responses": responses, "control": control}
 
         result = run_stage(self.root / "iterations", INITIAL, compute, iteration="initial")
         snapshot, evaluation = result.value
         self.policy.load_snapshot(snapshot)
-        return snapshot, evaluation["responses"]
+        return Initial(snapshot, evaluation["responses"], evaluation.get("control"))
+
+    def _run_cycle_rate(self, iterations: int) -> dict[str, Any]:
+        """The oracle's cycle rate pooled over every iteration's sampled triples (absent if none)."""
+        rows = [json.loads((self.iter_dir(k) / "metrics.json").read_text()) for k in range(iterations)]
+        cycles = sum(row.get("oracle/cyclic_triples", 0) for row in rows)
+        triples = sum(row.get("oracle/triples", 0) for row in rows)
+        if not triples:
+            return {}
+        log.info(
+            "oracle cycle rate over the run: %.3f (%d of %d sampled response triples form a preference cycle)",
+            cycles / triples,
+            cycles,
+            triples,
+        )
+        return {"oracle/cycle_rate_run": cycles / triples}
 
     def _carry_after(self, k: int) -> Carry:
         """The policy, μ and held-out responses after committed iteration ``k``."""
@@ -485,6 +535,24 @@ class MetaLoop:
         fault_point("iteration", "after-commit", k)
 
 
+def cycle_metrics(wins: list[torch.Tensor]) -> dict[str, Any]:
+    """``oracle/cycle_rate`` of one judge stage's K×K matrices, with its counts (none when K < 3)."""
+    from comalkit.diagnostics import pooled_cycle_counts
+
+    cycles, triples = pooled_cycle_counts(wins)
+    if not triples:
+        return {}
+    return {"oracle/cycle_rate": cycles / triples, "oracle/cyclic_triples": cycles, "oracle/triples": triples}
+
+
 def _brief(metrics: dict[str, Any]) -> str:
-    keys = ("loss", "rewards/accuracies", "win_rate/previous", "win_rate/initial", "kl_to_reference")
+    keys = (
+        "loss",
+        "rewards/accuracies",
+        "win_rate/previous",
+        "win_rate/initial",
+        "win_rate/control",
+        "oracle/cycle_rate",
+        "kl_to_reference",
+    )
     return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), (int, float)))

@@ -78,43 +78,65 @@ def plot_curves(
     return _save(fig, path)
 
 
-#: The panels of :func:`plot_progress`: a title and the metrics drawn in it.
+#: The panels of :func:`plot_progress`: a title and the metrics drawn in it. A metric with
+#: ``<key>_low`` and ``<key>_high`` in the rows is drawn with its interval as a band.
 PROGRESS_PANELS = (
-    ("win rate (held-out)", ("win_rate/initial", "win_rate/previous")),
+    ("win rate, soft (held-out)", ("win_rate/initial", "win_rate/previous", "win_rate/control")),
+    ("win rate, hard: share of prompts won", ("win_rate/initial_hard", "win_rate/control_hard")),
+    ("oracle cycle rate (sampled triples)", ("oracle/cycle_rate",)),
     ("loss (last training step)", ("loss",)),
     ("reward margin (last training step)", ("rewards/margins",)),
     ("KL to reference (estimate)", ("kl_to_reference",)),
 )
+#: how the untrained control is drawn: a grey line and band, the noise floor behind the curves
+CONTROL_STYLE = {"color": "0.45", "linestyle": "--", "marker": None, "linewidth": 1.2}
+
+
+def _points(rows: Sequence[dict], x: Sequence[int], key: str) -> list[tuple[int, float]]:
+    return [(xi, row[key]) for xi, row in zip(x, rows) if isinstance(row.get(key), (int, float))]
 
 
 def plot_progress(rows: Sequence[dict], path: str | Path) -> Path:
-    """A 2×2 overview of an online run, one point per iteration (rows as in ``metrics.jsonl``).
+    """A 2×3 overview of an online run, one point per iteration (rows as in ``metrics.jsonl``).
 
     Rewritten after every iteration, so a long run can be watched as a picture; metrics a run
-    does not produce (win rates with ``task.eval_prompts=0``) leave their panel empty. A dotted
-    vertical line marks each move of the reference μ (rows with ``reference_moved``), i.e. the
-    end of a COMAL round. The layout is fixed rather than computed, which keeps a redraw cheap.
+    does not produce (win rates with ``task.eval_prompts=0``, the cycle rate with fewer than
+    three samples per prompt) leave their panel empty. Win rates carry their bootstrap
+    intervals as bands, and the untrained control (``win_rate/control``, the same policy drawn
+    with another seed; docs/evaluation.md) is a grey dashed line with its band: a curve inside
+    that band is not told apart from sampling noise. A dotted vertical line marks each move of
+    the reference μ (rows with ``reference_moved``), i.e. the end of a COMAL round. The layout
+    is fixed rather than computed, which keeps a redraw cheap.
     """
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(9.0, 6.0, layout=None)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.09, top=0.93, wspace=0.22, hspace=0.42)
+    fig = _figure(13.0, 6.4, layout=None)
+    fig.subplots_adjust(left=0.06, right=0.985, bottom=0.09, top=0.93, wspace=0.25, hspace=0.42)
     x = [row.get("iteration", i) + 1 for i, row in enumerate(rows)]
     moves = [xi + 0.5 for xi, row in zip(x, rows) if row.get("reference_moved")]
     for i, (title, keys) in enumerate(PROGRESS_PANELS):
-        ax = fig.add_subplot(2, 2, i + 1)
+        ax = fig.add_subplot(2, 3, i + 1)
         for key in keys:
-            points = [(xi, row[key]) for xi, row in zip(x, rows) if isinstance(row.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=key)
+            points = _points(rows, x, key)
+            if not points:
+                continue
+            control = key.startswith("win_rate/control")
+            style = CONTROL_STYLE if control else {"marker": "o"}
+            (line,) = ax.plot(*zip(*points), label=key, **style)
+            low, high = dict(_points(rows, x, f"{key}_low")), dict(_points(rows, x, f"{key}_high"))
+            band = [(xi, low[xi], high[xi]) for xi, _ in points if xi in low and xi in high]
+            if band:
+                bx, lo, hi = zip(*band)
+                color = line.get_color()
+                ax.fill_between(bx, lo, hi, color=color, alpha=0.15 if control else 0.2, linewidth=0)
         for n, move in enumerate(moves):
             ax.axvline(
                 move, color="tab:purple", linestyle=":", linewidth=1.2, label="μ ← π" if n == 0 else None
             )
         if keys[0].startswith("win_rate"):
-            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-        if keys[0].startswith("win_rate") or (i == 1 and moves):
-            ax.legend(fontsize="small")
+            ax.axhline(0.5, color="grey", linestyle="-", linewidth=0.6)
+        if (keys[0].startswith("win_rate") or (i == 3 and moves)) and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small")
         ax.set_title(title, fontsize="medium")
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -74,3 +74,48 @@ def test_both_orders_are_averaged_so_position_bias_makes_no_direction():
 def test_non_square_matrix_is_refused():
     with pytest.raises(ValueError, match=r"square K×K, got shape \(2, 3\)"):
         beats(torch.zeros(2, 3))
+
+
+# -- in the online loop: oracle/cycle_rate per iteration, pooled in the summary ---------------------
+LOOP = [
+    "model=tiny",
+    "trainer=fast",
+    "task.iterations=1",
+    "task.samples_per_prompt=6",
+    "task.max_new_tokens=32",  # long enough for the tiny model's bytes to hold spaces: word counts vary
+    "task.eval_prompts=0",
+    "data.split_size=3",
+]
+
+
+@pytest.mark.parametrize(("kind", "cyclic"), [("rps", True), ("longer", False)])
+def test_the_loop_logs_the_cycle_rate_of_its_judge_stage(tmp_path, kind, cyclic):
+    from comalkit.loop import _load_wins
+    from comalkit.outputs import read_metrics
+    from comalkit.stages import StageReader
+    from comalkit.testing import run_job
+
+    summary = run_job([*LOOP, "oracle=rule", f"oracle.kind={kind}"], tmp_path)
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    wins = _load_wins(StageReader(tmp_path / "iterations" / "000" / "judge"))
+    assert row["oracle/triples"] == 3 * 20  # 3 prompts, C(6, 3) triples each
+    assert row["oracle/cycle_rate"] == cycle_rate(wins)  # from the committed K×K matrices
+    assert (row["oracle/cycle_rate"] > 0) is cyclic
+    assert summary["oracle/cycle_rate_run"] == row["oracle/cycle_rate"]  # one iteration: pooled = its own
+    assert json_summary(tmp_path)["oracle/cycle_rate_run"] == summary["oracle/cycle_rate_run"]
+
+
+def test_no_cycle_rate_below_three_samples(tmp_path):
+    from comalkit.outputs import read_metrics
+    from comalkit.testing import run_job
+
+    overrides = [o if "samples_per_prompt" not in o else "task.samples_per_prompt=2" for o in LOOP]
+    summary = run_job([*overrides, "oracle=rule", "oracle.kind=rps"], tmp_path)
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert "oracle/cycle_rate" not in row and "oracle/cycle_rate_run" not in summary
+
+
+def json_summary(out):
+    import json
+
+    return json.loads((out / "summary.json").read_text())

@@ -65,10 +65,18 @@ def test_online_run_writes_summary_metrics_and_checkpoints(uninterrupted):
     assert [r["strength"] for r in rows] == [0.5, 0.5, 0.1, 0.1]  # the per-round schedule reached the solver
     for row in rows:
         assert 0.0 <= row["win_rate/previous"] <= 1.0 and 0.0 <= row["win_rate/initial"] <= 1.0
+        for key in ("win_rate/initial", "win_rate/previous", "win_rate/control"):  # soft and hard, intervals
+            for rate in (key, f"{key}_hard"):
+                assert row[f"{rate}_low"] <= row[rate] <= row[f"{rate}_high"]
+        assert row["oracle/cycle_rate"] == 0.0 and row["oracle/triples"] == 4  # rule=longer is transitive
         assert row["pairs"] > 0 and row["train_steps"] >= 1
         stages = ("sample", "judge", "pair", "logps", "train", "evaluate")
         assert all(row[f"time/{name}"] >= 0 for name in stages)
         assert "loss" in row and "rewards/margins" in row and "kl_to_reference" in row
+    assert len({r["win_rate/control"] for r in rows}) == 1  # drawn and judged the same every iteration
+    assert (
+        summary["win_rate/control"] == rows[0]["win_rate/control"] and summary["oracle/cycle_rate_run"] == 0.0
+    )
     for k in range(4):
         assert (out / "checkpoints" / f"iter_{k:03d}" / "adapter_model.safetensors").exists()
     assert (out / "progress.png").read_bytes().startswith(b"\x89PNG")  # the per-iteration overview
@@ -76,6 +84,19 @@ def test_online_run_writes_summary_metrics_and_checkpoints(uninterrupted):
     initial = load_file(out / "iterations" / "initial" / "policy.safetensors")
     trained = load_file(out / "iterations" / "000" / "train" / "policy.safetensors")
     assert any(not torch.equal(initial[k], trained[k]) for k in initial)
+
+
+def test_an_unchanged_policy_scores_exactly_half_against_the_initial_one(tmp_path):
+    """Common random numbers: every iteration samples the held-out prompts with the initial draw's seed."""
+    summary = run_job([*BASE, "task.iterations=1", "task.eval_prompts=4", "trainer.lr=1e-12"], tmp_path)
+    initial = json.loads((tmp_path / "iterations" / "initial" / "eval.json").read_text())
+    evaluation = json.loads((tmp_path / "iterations" / "000" / "evaluate" / "eval.json").read_text())
+    assert evaluation["responses"] == initial["responses"]
+    assert summary["win_rate/initial"] == 0.5 and summary["win_rate/initial_hard"] == 0.5
+    assert (summary["win_rate/initial_low"], summary["win_rate/initial_high"]) == (0.5, 0.5)
+    # the untrained control: the same policy drawn with another seed, a measured noise floor
+    assert len(initial["control"]) == 4 and initial["control"] != initial["responses"]
+    assert summary["win_rate/control_low"] <= summary["win_rate/control"] <= summary["win_rate/control_high"]
 
 
 def test_the_reference_is_fixed_within_a_round_and_moves_at_its_end(uninterrupted):
