@@ -202,6 +202,19 @@ class WinRate:
             num_prompts=len(per_prompt),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "soft": self.soft,
+            "soft_ci": list(self.soft_ci),
+            "hard": self.hard,
+            "hard_ci": list(self.hard_ci),
+            "num_prompts": self.num_prompts,
+        }
+
+    def describe(self) -> str:
+        """``soft 0.50 [0.45, 0.55], hard 0.50 [0.38, 0.62]``."""
+        return f"soft {_cell(self.soft, self.soft_ci)}, hard {_cell(self.hard, self.hard_ci)}"
+
     def metrics(self, key: str) -> dict[str, float]:
         """Flat metrics: ``key`` (soft, as before), ``key_low``/``_high``, ``key_hard`` and its interval."""
         return {
@@ -390,8 +403,11 @@ class RoundRobin:
             writer.writerow([*row, f"{means[n]:.6f}", f"{hard[n]:.6f}"])
         return out.getvalue()
 
-    def to_markdown(self) -> str:
-        """Both matrices as Markdown tables, each cell ``value [low, high]``, then each row's minimum."""
+    def to_markdown(self, control: WinRate | None = None, control_label: str = "control") -> str:
+        """Both matrices as Markdown tables, each cell ``value [low, high]``, then each row's minimum.
+
+        ``control`` (the untrained policy redrawn with another seed, against itself) is written
+        under the tables as the noise floor the cells are to be read against."""
         lines = [
             f"{self.num_prompts} prompts × {self.samples_per_prompt} sample(s), both orders judged; "
             f"{100 * CI_LEVEL:.0f}% percentile-bootstrap intervals over prompts.",
@@ -423,6 +439,12 @@ class RoundRobin:
                 ]
                 lines.append(f"| {n} | " + " | ".join(cells) + f" | {_cell(mins[n], min_ci[n])} |")
             lines.append("")
+        if control is not None:
+            lines += [
+                f"**untrained control** ({control_label}): {control.describe()}. An unchanged policy "
+                "scores this against itself from sampling noise alone; cells within it are not told apart.",
+                "",
+            ]
         return "\n".join(lines)
 
 
@@ -466,7 +488,7 @@ def round_robin(
 # ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
-def plot_heatmap(result: RoundRobin, path: str | Path) -> Path:
+def plot_heatmap(result: RoundRobin, path: str | Path, control: WinRate | None = None) -> Path:
     """Annotated heatmaps of the soft and the hard win-rate matrix (row against column), saved atomically.
 
     Each cell shows its value and its bootstrap interval; each row label its minimum with the
@@ -510,10 +532,10 @@ def plot_heatmap(result: RoundRobin, path: str | Path) -> Path:
         ax.set_title(title, fontsize="medium")
     fig.colorbar(image, ax=axes, label="win rate of row vs column", shrink=0.8)
     prompts = f"{result.num_prompts} prompt{'s' if result.num_prompts != 1 else ''}"
-    fig.suptitle(
-        f"round robin on {prompts}, both orders judged; {100 * CI_LEVEL:.0f}% bootstrap intervals over prompts",
-        fontsize="medium",
-    )
+    title = f"round robin on {prompts}, both orders judged; {100 * CI_LEVEL:.0f}% bootstrap intervals over prompts"
+    if control is not None:
+        title += f"\nuntrained control (same policy, another seed): {control.describe()}"
+    fig.suptitle(title, fontsize="medium")
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
@@ -521,9 +543,16 @@ def plot_heatmap(result: RoundRobin, path: str | Path) -> Path:
 
 
 def write_results(
-    result: RoundRobin, out_dir: str | Path, extra: Mapping[str, Any] | None = None
+    result: RoundRobin,
+    out_dir: str | Path,
+    extra: Mapping[str, Any] | None = None,
+    control: WinRate | None = None,
+    control_label: str = "control",
 ) -> dict[str, Path]:
-    """Write ``win_rates.json`` (``extra`` merged in), ``.csv``, ``.md`` and the heatmap ``.png``."""
+    """Write ``win_rates.json`` (``extra`` merged in), ``.csv``, ``.md`` and the heatmap ``.png``.
+
+    ``control``, the untrained control's result, goes to the JSON (as ``control``), under the
+    Markdown tables and into the heatmap's title."""
     out_dir = Path(out_dir)
     paths = {
         "json": out_dir / "win_rates.json",
@@ -531,8 +560,11 @@ def write_results(
         "markdown": out_dir / "win_rates.md",
         "heatmap": out_dir / "win_rates.png",
     }
-    write_json(paths["json"], {**result.to_dict(), **(extra or {})})
+    data = {**result.to_dict(), **(extra or {})}
+    if control is not None:
+        data["control"] = {"label": control_label, **control.to_dict()}
+    write_json(paths["json"], data)
     atomic_write(paths["csv"], result.to_csv())
-    atomic_write(paths["markdown"], result.to_markdown())
-    plot_heatmap(result, paths["heatmap"])
+    atomic_write(paths["markdown"], result.to_markdown(control, control_label))
+    plot_heatmap(result, paths["heatmap"], control)
     return paths

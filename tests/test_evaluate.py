@@ -190,9 +190,18 @@ def test_round_robin_errors():
 
 def test_outputs_json_csv_markdown_and_heatmap(tmp_path: Path):
     result = round_robin(LengthJudge(), PROMPTS, {"A": ["aaaa", "aaaa"], "B": ["bbb", "bb"], "C": ["c", "c"]})
-    paths = write_results(result, tmp_path, extra={"seed": 3})
+    control = WinRate.of(torch.tensor([0.4, 0.6], dtype=torch.float64))
+    paths = write_results(result, tmp_path, extra={"seed": 3}, control=control, control_label="A again")
     data = json.loads(paths["json"].read_text())
     assert data["checkpoints"] == ["A", "B", "C"] and data["seed"] == 3
+    assert data["control"] == {
+        "label": "A again",
+        "soft": pytest.approx(0.5),
+        "soft_ci": pytest.approx([0.4, 0.6]),
+        "hard": 0.5,
+        "hard_ci": [0.0, 1.0],
+        "num_prompts": 2,
+    }
     assert data["min_win_rate"] == pytest.approx({"A": 0.6, "B": 0.4, "C": 0.4})
     assert data["min_win_rate_ci"]["A"] == pytest.approx([0.6, 0.6])
     assert data["win_rates"][0] == pytest.approx([0.5, 0.6, 0.6])
@@ -216,6 +225,7 @@ def test_outputs_json_csv_markdown_and_heatmap(tmp_path: Path):
     markdown = paths["markdown"].read_text()
     assert "| A | – | 0.60 [0.60, 0.60] | 0.60 [0.60, 0.60] | 0.60 [0.60, 0.60] |" in markdown
     assert "| C | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00] | – | 0.00 [0.00, 0.00] |" in markdown  # hard table
+    assert "**untrained control** (A again): soft 0.50 [0.40, 0.60], hard 0.50 [0.00, 1.00]." in markdown
     png = paths["heatmap"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -311,7 +321,13 @@ def test_evaluate_task_end_to_end_on_tiny_checkpoints(tmp_path: Path, monkeypatc
     assert "win_rates" not in summary and "per_prompt_win_rates" not in summary  # matrices stay in the JSON
     assert (out / "win_rates.csv").is_file() and (out / "win_rates.png").stat().st_size > 0
     assert "hard win rate" in (out / "win_rates.md").read_text()
-    assert len(list((out / "responses").glob("*.json"))) == 3
+    # the control: the untrained model with the next seed, against itself; not a contestant
+    control = data["control"]
+    assert control["label"] == "initial sampled with seed 1 against initial with seed 0"
+    assert control["soft_ci"][0] <= control["soft"] <= control["soft_ci"][1] and control["num_prompts"] == 2
+    assert summary["control"] == control and "initial-control" not in data["checkpoints"]
+    assert "**untrained control** (initial sampled with seed 1" in (out / "win_rates.md").read_text()
+    assert len(list((out / "responses").glob("*.json"))) == 4
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("a rerun must reuse the saved responses")

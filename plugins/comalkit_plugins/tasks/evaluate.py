@@ -28,6 +28,8 @@ from comalkit.registry import ConfigError, current_choice, instantiate, param, p
 log = logging.getLogger("comalkit.evaluate")
 #: the name of the untrained model when ``include_initial`` is set
 INITIAL = "initial"
+#: the untrained model sampled a second time, with the seed after the shared one: the control
+CONTROL = "initial-control"
 #: the per-cell entries of ``win_rates.json`` left out of ``summary.json`` (which keeps the per-row ones)
 MATRICES = (
     "win_rates",
@@ -86,8 +88,10 @@ class EvaluateTask(Task):
     """Round-robin win rates of checkpoints on held-out prompts, and each one's minimum (exploitability).
 
     LoRA checkpoints are loaded onto the configured ``model`` (their base); full checkpoints
-    load on their own. Every checkpoint samples with the same seed. Sampled responses are
-    saved under ``responses/`` and reused when the same command is rerun.
+    load on their own. Every checkpoint samples with the same seed. With ``include_initial``
+    the untrained model is sampled once more with the next seed and judged against itself: the
+    control, a measured noise floor (docs/evaluation.md). Sampled responses are saved under
+    ``responses/`` and reused when the same command is rerun.
     """
 
     resumable = True
@@ -108,7 +112,7 @@ class EvaluateTask(Task):
     seed: int | None = param(None, help="sampling seed shared by all checkpoints; default: the run's seed")
 
     def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
-        from comalkit.evaluate import round_robin, write_results
+        from comalkit.evaluate import round_robin, win_rate_stats, write_results
         from comalkit.oracle_cache import CachedOracle
 
         contestants = self._contestants()
@@ -126,20 +130,30 @@ class EvaluateTask(Task):
                 lengths = [len(r) for rs in responses[name] for r in rs]
                 run.log({"checkpoint": name, "response_chars": sum(lengths) / len(lengths)}, step)
             result = round_robin(oracle, prompts, responses)
+            control = None
+            if self.include_initial:  # the noise floor: the same untrained model, another seed
+                redrawn = self._responses(model, sampler, CONTROL, None, prompts, seed + 1, Path(run.out_dir))
+                control = win_rate_stats(oracle, prompts, redrawn, responses[INITIAL])
         finally:
             sampler.close()
             oracle.close()
         sources = {
             n: str(p) if p else f"model={current_choice('model')} (untrained)" for n, p in contestants.items()
         }
-        paths = write_results(result, run.out_dir, extra={"sources": sources, "seed": seed})
+        label = f"{INITIAL} sampled with seed {seed + 1} against {INITIAL} with seed {seed}"
+        extra = {"sources": sources, "seed": seed}
+        paths = write_results(result, run.out_dir, extra=extra, control=control, control_label=label)
         log.info("round robin (row vs column):\n%s", result.to_csv())
+        if control is not None:
+            log.info("untrained control (%s): %s", label, control.describe())
         summary = {
             **{k: v for k, v in result.to_dict().items() if k not in MATRICES},
             "win_rates_json": str(paths["json"]),
             "win_rates_md": str(paths["markdown"]),
             "heatmap": str(paths["heatmap"]),
         }
+        if control is not None:
+            summary["control"] = {"label": label, **control.to_dict()}
         summary["oracle"] = oracle.diagnostics()
         return summary
 
@@ -149,10 +163,11 @@ class EvaluateTask(Task):
         names = short_names(paths)
         contestants: dict[str, Path | None] = dict(zip(names, paths))
         if self.include_initial:
-            if INITIAL in contestants:
-                raise ConfigError(
-                    f"a checkpoint is named '{INITIAL}'; rename it or set task.include_initial=false"
-                )
+            for name in (INITIAL, CONTROL):
+                if name in contestants:
+                    raise ConfigError(
+                        f"a checkpoint is named '{name}'; rename it or set task.include_initial=false"
+                    )
             contestants = {INITIAL: None, **contestants}
         if len(contestants) < 2:
             raise ConfigError(
