@@ -11,8 +11,8 @@
   end-of-turn``, right-padded. ``response_mask`` is 1 exactly on the response tokens and the
   end-of-turn token, so prompt and padding never count, even when pad and EOS are one token.
 * **Sequence log-prob** ``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` over response tokens (the
-  quantity every loss in ``algorithms.md`` is written in); token counts come along for losses
-  that average per token (TRL's IPO).
+  quantity every loss in docs/solvers.md is written in), computed by the one kernel in
+  :mod:`comalkit.logprobs`; token counts come along for losses that average per token (TRL's IPO).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from comalkit.interfaces import Snapshot
+from comalkit.logprobs import lm_sequence_logps
 from comalkit.models import (
     BASE_FILE,
     ModelError,
@@ -361,37 +362,30 @@ class LMPolicy:
 
     # -- log-probs --------------------------------------------------------------------------------
     def sequence_logps(
-        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        *,
+        lean: bool = False,
+        chunk: int = 256,
     ) -> tuple[Tensor, Tensor]:
         """Summed response log-probs [B] (float32, differentiable) and response token counts [B].
 
-        The token at position t is scored by the logits at t − 1. Only the logit columns that
-        some response needs are computed (``logits_to_keep``), which skips the vocabulary
-        projection over the prompts: a large share of the cost at 49k vocabulary.
+        Scored by :func:`comalkit.logprobs.lm_sequence_logps`: only the logit columns some
+        response needs are computed (``logits_to_keep``), which skips the vocabulary projection
+        over the prompts; ``lean`` takes the chunked, recomputed LM head (training's default).
         """
-        device = self.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        target_mask, counts, columns = response_targets(response_mask, device)
-        if columns.numel() == 0:
-            return torch.zeros(len(input_ids), device=device), counts
-        first, last = int(columns[0]), int(columns[-1])
-        # logits at positions first..last score tokens first+1..last+1; later columns are padding
-        targets = input_ids[:, first + 1 : last + 2]
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids[:, : last + 1],
-            "attention_mask": attention_mask[:, : last + 1],
-            "use_cache": False,
-        }
-        if self._keeps_logits:
-            kwargs["logits_to_keep"] = torch.arange(first, last + 1, device=device)
-        with self.autocast():
-            logits = self.model(**kwargs).logits
-        if not self._keeps_logits:
-            logits = logits[:, first : last + 1]
-        logits = logits.float()
-        mask = target_mask[:, first : last + 1]
-        token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-        return (token_logps * mask).sum(-1), counts
+        return lm_sequence_logps(
+            self.model,
+            input_ids.to(self.device),
+            attention_mask,
+            response_mask,
+            autocast=self.autocast,
+            keeps_logits=self._keeps_logits,
+            lean=lean,
+            chunk=chunk,
+        )
 
     @torch.no_grad()
     def logps(
@@ -573,13 +567,6 @@ def _resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available; use device=cpu or auto")
     return resolved
-
-
-def response_targets(response_mask: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Which next-token targets are response tokens: the mask [B, T-1], counts [B], and the
-    positions any row needs (scoring can skip the columns outside them)."""
-    target_mask = response_mask[:, 1:].to(device).bool()
-    return target_mask, target_mask.sum(-1), target_mask.any(0).nonzero().flatten()
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:

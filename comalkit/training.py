@@ -45,7 +45,6 @@ from comalkit.distributed import (
     world_size,
 )
 from comalkit.interfaces import PairLogps, RunContext, Snapshot, SubgameSolver
-from comalkit.policy import response_targets
 from comalkit.preference_data import PreferenceRecord
 from comalkit.registry import ConfigError, instantiate, param, registry
 
@@ -299,76 +298,14 @@ def check_records(records: Sequence[PreferenceRecord], solver: SubgameSolver, wh
                 )
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory-lean log-probs with gradients
-# ---------------------------------------------------------------------------------------------
 def lean_sequence_logps(
     policy: Any, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, chunk: int = 256
 ) -> tuple[Tensor, Tensor]:
-    """``policy.sequence_logps`` (summed response log-probs [B], token counts [B]) without storing logits.
+    """``policy.sequence_logps`` through the chunked, recomputed LM head (``trainer.lean_logps``).
 
-    The vocabulary projection is the largest activation of a small model (2,048 tokens ×
-    49,152 entries × 4 bytes = 400 MB for SmolLM2, kept for the backward pass, plus its
-    gradient). Here the backbone's hidden states are projected only at response positions,
-    ``chunk`` tokens at a time, under activation checkpointing: the backward pass recomputes
-    each chunk's logits instead of storing them (the idea of TRL's fused LM head and Liger's
-    fused linear cross-entropy). Measured on SmolLM2 with 8 × 256 tokens (bench/bench_dpo_vs_trl.py,
-    docs/training.md): peak RSS 4.17 → 3.15 GB, and faster (296 against 235 tokens/s) despite one
-    extra head forward in the backward pass. Numerically the same computation as
-    :meth:`comalkit.policy.LMPolicy.sequence_logps` (token t scored by the logits at t − 1,
-    float32 log-softmax); models whose head is not a plain projection (logit soft-capping or
-    scaling) fall back to it.
+    The kernel is :func:`comalkit.logprobs.sequence_logps`; docs/training.md has its memory and speed.
     """
-    from torch.utils.checkpoint import checkpoint
-
-    model = policy.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    plain_head = not any(
-        getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
-    )
-    if not (plain_head and hasattr(base, "get_decoder") and hasattr(base, "get_output_embeddings")):
-        return _policy_sequence_logps(policy, input_ids, attention_mask, response_mask)
-    device = policy.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    target_mask, counts, columns = response_targets(response_mask, device)
-    if columns.numel() == 0:
-        return torch.zeros(len(input_ids), device=device), counts
-    last = int(columns[-1])  # later columns are padding for every row
-    head = base.get_output_embeddings()
-    with policy.autocast():
-        hidden = base.get_decoder()(
-            input_ids=input_ids[:, : last + 1], attention_mask=attention_mask[:, : last + 1], use_cache=False
-        ).last_hidden_state
-        rows, cols = target_mask[:, : last + 1].nonzero(as_tuple=True)
-        states, targets = hidden[rows, cols], input_ids[rows, cols + 1]
-        pieces = [
-            checkpoint(
-                _token_logps,
-                states[i : i + chunk],
-                targets[i : i + chunk],
-                head.weight,
-                head.bias,
-                use_reentrant=False,
-            )
-            for i in range(0, len(targets), chunk)
-        ]
-    token_logps = torch.cat(pieces)
-    summed = torch.zeros(len(input_ids), dtype=token_logps.dtype, device=device).index_add(
-        0, rows, token_logps
-    )
-    return summed, counts
-
-
-def _token_logps(states: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    logits = torch.nn.functional.linear(states, weight, bias).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
-def _policy_sequence_logps(
-    policy: Any, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
-) -> tuple[Tensor, Tensor]:
-    return policy.sequence_logps(input_ids, attention_mask, response_mask)
+    return policy.sequence_logps(input_ids, attention_mask, response_mask, lean=True, chunk=chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,9 +385,8 @@ class PreferenceModule(L.LightningModule):
     # -- steps ------------------------------------------------------------------------------------
     def pair_logps(self, batch: Mapping[str, Tensor]) -> PairLogps:
         """Policy log-probs (with grad) of the batch, joined with its frozen inputs."""
-        score = lean_sequence_logps if self.cfg.lean_logps else _policy_sequence_logps
-        logps, counts = score(
-            self.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        logps, counts = self.policy.sequence_logps(
+            batch["input_ids"], batch["attention_mask"], batch["response_mask"], lean=self.cfg.lean_logps
         )
         logps, counts = logps.float(), counts.float()
         n = logps.shape[0] // 2

@@ -146,6 +146,10 @@ def test_batched_logps_match_a_slow_per_example_computation(lora):
         summed, counts = policy.sequence_logps(**batch)
     torch.testing.assert_close(summed, expected, **TOL)
     assert counts.tolist() == batch["response_mask"].sum(-1).tolist()
+    with torch.no_grad():  # the chunked LM head training uses by default
+        lean, lean_counts = policy.sequence_logps(**batch, lean=True, chunk=4)
+    torch.testing.assert_close(lean, expected, **TOL)
+    assert torch.equal(lean_counts, counts)
     # logps(): sorted, batched in twos (so padding differs), no grad
     values, n = policy.logps(PROMPTS, RESPONSES, batch_size=2, return_counts=True)
     torch.testing.assert_close(values, expected, **TOL)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from comalkit.judge_prompt import remove_all
+from comalkit.logprobs import sequence_logps, token_logps
 from comalkit.registry import param
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ class JudgeModel:
         start = len(prompt_ids)
         with self._lock, torch.inference_mode():
             head = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
-            first = head.logits[0, -1].float().log_softmax(-1)  # predicts each response's first token
+            first = head.logits[0, -1:]  # predicts each response's first token
             for rows, ids, mask in self._batches(responses, batch_size):
                 cache = copy.deepcopy(head.past_key_values)
                 cache.batch_repeat_interleave(len(rows))
@@ -301,12 +302,10 @@ class JudgeModel:
                     past_key_values=cache,
                     use_cache=True,
                 ).logits
-                for b, row in enumerate(rows):
-                    n = len(responses[row])
-                    target = ids[b, :n]
-                    # logits at response position t predict token t + 1
-                    rest = logits[b, : n - 1].float().log_softmax(-1).gather(-1, target[1:, None]).sum()
-                    scores[row] = (first[target[0]] + rest).double() / n
+                # logits at response position t predict token t + 1
+                rest, counts = sequence_logps(logits[:, :-1], ids[:, 1:], mask[:, 1:])
+                summed = token_logps(first.expand(len(rows), -1), ids[:, 0]) + rest
+                scores[rows] = summed.double() / (counts + 1)
         return scores
 
     def _batches(self, encoded: list[list[int]], batch_size: int, left: bool = False):
