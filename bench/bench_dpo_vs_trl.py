@@ -38,12 +38,23 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from trl_setup import (
+    TARGETS,
+    StepTimer,
+    comalkit_trainer,
+    dpo_config,
+    lora_config,
+    print_result,
+    run_child,
+    trl_rows,
+    trl_tokens,
+)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "comalkit": {"side": "comalkit", "weights": "bfloat16"},
@@ -53,7 +64,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "trl-bf16w": {"side": "trl", "weights": "bfloat16", "precompute": False},
     "trl-precompute": {"side": "trl", "weights": "float32", "precompute": True},
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BETA, LR, RANK, ALPHA = 0.1, 1e-4, 16, 32
 
 
@@ -93,7 +103,6 @@ def current_rss_gb() -> float:
 
 # ---------------------------------------------------------------------------------------------
 def run_comalkit(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, out: str) -> dict[str, Any]:
-    import lightning as L
     from comalkit_plugins.models.smollm2 import SmolLM2
     from comalkit_plugins.solvers.dpo import DPO
 
@@ -107,37 +116,9 @@ def run_comalkit(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, 
     start = time.perf_counter()
     records = precompute_logps(policy, pairs, dpo, batch_size=8, precision="bf16-mixed")
     precompute_s = time.perf_counter() - start
-
-    class Timer(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.tokens: list[int] = []
-            self.cpu: list[float] = []
-
-        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
-            self.start, self.cpu_start = time.perf_counter(), time.process_time()
-            self.tokens.append(int(batch["attention_mask"].sum()))
-
-        def on_train_batch_end(
-            self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
-        ) -> None:
-            self.times.append(time.perf_counter() - self.start)
-            self.cpu.append(time.process_time() - self.cpu_start)
-
-    timer = Timer()
-    cfg = {
-        "accelerator": "cpu",
-        "precision": "bf16-mixed",
-        "max_steps": steps,
-        "batch_size": 4,
-        "shuffle": False,
-        "lr": LR,
-        "scheduler": {"name": "constant"},
-        "gradient_clip_val": 1.0,
-        "enable_progress_bar": False,
-        "lean_logps": spec.get("lean_logps", True),
-    }
-    result = fit(policy, dpo, records, cfg, out, callbacks=[timer])
+    timer = StepTimer()
+    cfg = comalkit_trainer("cpu", steps, 4, LR, lean_logps=spec.get("lean_logps", True))
+    result = fit(policy, dpo, records, cfg, out, callbacks=[timer.lightning()])
     return {
         "times": timer.times,
         "cpu": timer.cpu,
@@ -152,9 +133,8 @@ def run_comalkit(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, 
 def run_trl(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, out: str) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
 
     from comalkit.models import bundled_gguf_path, converted_gguf_dir, ensure_pad_token
 
@@ -163,73 +143,37 @@ def run_trl(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, out: 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec["weights"]))
     ensure_pad_token(tokenizer, model)
     loaded = current_rss_gb()
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": p["prompt"]}],
-            "chosen": [{"role": "assistant", "content": p["chosen"]}],
-            "rejected": [{"role": "assistant", "content": p["rejected"]}],
-        }
-        for p in pairs
-    ]
-    args = DPOConfig(
-        output_dir=out,
-        per_device_train_batch_size=4,
+    args = dpo_config(
+        out,
+        batch_size=4,
         max_length=256,
-        bf16=True,
-        use_cpu=True,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
+        lr=LR,
         beta=BETA,
-        max_steps=steps,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        steps=steps,
+        cpu=True,
         precompute_ref_log_probs=spec["precompute"],
         precompute_ref_batch_size=8,
     )
-
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-            self.cpu: list[float] = []
-
-        def on_step_begin(self, *a: Any, **k: Any) -> None:
-            self.start, self.cpu_start = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            self.times.append(time.perf_counter() - self.start)
-            self.cpu.append(time.process_time() - self.cpu_start)
-
-    timer = Timer()
-    lora = LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
-    )
+    timer = StepTimer()
     start = time.perf_counter()
     trainer = DPOTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(trl_rows(pairs)),
         processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=[timer],
+        peft_config=lora_config(RANK, ALPHA),
+        callbacks=[timer.trl()],
     )
     setup_s = time.perf_counter() - start
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "num_tokens" in h]
-    totals = [int(h["num_tokens"]) for h in logs]
-    tokens = [b - a for a, b in zip([0, *totals[:-1]], totals)]
+    tokens, final_loss = trl_tokens(trainer)
     return {
         "times": timer.times,
         "cpu": timer.cpu,
         "tokens": tokens,
         "loaded_rss_gb": loaded,
         "setup_s": setup_s,
-        "final_loss": logs[-1]["loss"] if logs else None,
+        "final_loss": final_loss,
     }
 
 
@@ -275,7 +219,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.warmup, args.steps, args.threads)), flush=True)
+        print_result(child(args.child, args.warmup, args.steps, args.threads))
         return
 
     names = args.variants.split(",")
@@ -305,11 +249,10 @@ def main() -> None:
                 str(args.threads),
             ]
             start = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-            results[name].append(json.loads(line[len("RESULT ") :]))
+            result, code, stderr = run_child(cmd, env)
+            if result is None:
+                sys.exit(f"{name} failed (exit {code}):\n{stderr[-4000:]}")
+            results[name].append(result)
             print(
                 f"[{repeat + 1}/{args.repeats}] {name}: {results[name][-1]['tokens_per_s']:.0f} tok/s, "
                 f"peak {results[name][-1]['peak_rss_gb']:.2f} GB ({time.perf_counter() - start:.0f} s)",

@@ -48,12 +48,23 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from trl_setup import (
+    TARGETS,
+    StepTimer,
+    comalkit_trainer,
+    dpo_config,
+    lora_config,
+    print_result,
+    run_child,
+    trl_rows,
+    trl_tokens,
+)
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -107,7 +118,6 @@ ROWS: dict[str, dict[str, Any]] = {
     "tiny-lora": {"shape": "tiny", "lora": True, "batch": 4},
 }
 GPU_ROWS = ["135m-full", "135m-lora", "1.5b-full", "1.5b-lora", "8b-lora"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BETA, LR, RANK, ALPHA = 0.1, 1e-5, 16, 32
 
 
@@ -185,31 +195,9 @@ def flops_per_token(model: Any, shape: dict[str, Any], lora: bool, seq_len: int)
     return (4 * matmul_params + 8 * attention) if lora else (6 * matmul_params + 12 * attention)
 
 
-class StepTimer:
-    """Wall time and tokens of each optimizer step; CUDA is synchronised at both ends."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.times, self.tokens = device, [], []
-
-    def sync(self) -> None:
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-
-    def begin(self) -> None:
-        self.sync()
-        self.start = time.perf_counter()
-
-    def end(self) -> None:
-        self.sync()
-        self.times.append(time.perf_counter() - self.start)
-
-
 def run_comalkit(
     row: dict[str, Any], pairs: list[dict[str, str]], args: argparse.Namespace, out: str
 ) -> dict[str, Any]:
-    import lightning as L
     from comalkit_plugins.solvers.dpo import DPO
 
     from comalkit.models import tiny_tokenizer
@@ -229,36 +217,14 @@ def run_comalkit(
         device=args.device,
     )
     dpo = DPO(beta=BETA)
-    precision = "bf16-mixed"
     timer = StepTimer(args.device)
     start = time.perf_counter()
-    records = precompute_logps(policy, pairs, dpo, batch_size=2 * row["batch"], precision=precision)
+    records = precompute_logps(policy, pairs, dpo, batch_size=2 * row["batch"], precision="bf16-mixed")
     timer.sync()
     precompute_s = time.perf_counter() - start
-
-    class Timing(L.Callback):
-        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
-            timer.begin()
-            timer.tokens.append(int(batch["attention_mask"].sum()))
-
-        def on_train_batch_end(
-            self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
-        ) -> None:
-            timer.end()
-
     accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
-    cfg = {
-        "accelerator": accelerator,
-        "precision": precision,
-        "max_steps": args.warmup + args.steps,
-        "batch_size": row["batch"],
-        "shuffle": False,
-        "lr": LR,
-        "scheduler": {"name": "constant"},
-        "gradient_clip_val": 1.0,
-        "enable_progress_bar": False,
-    }
-    fit(policy, dpo, records, cfg, out, callbacks=[Timing()])
+    cfg = comalkit_trainer(accelerator, args.warmup + args.steps, row["batch"], LR)
+    fit(policy, dpo, records, cfg, out, callbacks=[timer.lightning()])
     return {
         "times": timer.times,
         "tokens": timer.tokens,
@@ -271,9 +237,7 @@ def run_trl(
     row: dict[str, Any], pairs: list[dict[str, str]], args: argparse.Namespace, out: str
 ) -> dict[str, Any]:
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from comalkit.models import tiny_tokenizer
 
@@ -281,60 +245,31 @@ def run_trl(
     tokenizer = tiny_tokenizer()
     model = random_model(shape, args.seq_len, tokenizer, args.device)
     timer = StepTimer(args.device)
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": p["prompt"]}],
-            "chosen": [{"role": "assistant", "content": p["chosen"]}],
-            "rejected": [{"role": "assistant", "content": p["rejected"]}],
-        }
-        for p in pairs
-    ]
-    config = DPOConfig(
-        output_dir=out,
-        per_device_train_batch_size=row["batch"],
+    config = dpo_config(
+        out,
+        batch_size=row["batch"],
         max_length=args.seq_len,
-        bf16=True,
-        use_cpu=not args.device.startswith("cuda"),
-        learning_rate=LR,
-        lr_scheduler_type="constant",
+        lr=LR,
         beta=BETA,
-        max_steps=args.warmup + args.steps,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        steps=args.warmup + args.steps,
+        cpu=not args.device.startswith("cuda"),
     )
-
-    class Timing(TrainerCallback):
-        def on_step_begin(self, *a: Any, **k: Any) -> None:
-            timer.begin()
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            timer.end()
-
     peft_config, ref_model = None, None
     if not row["lora"]:  # TRL keeps a frozen copy as the reference of a full fine-tune
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     else:
-        peft_config = LoraConfig(
-            r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
-        )
+        peft_config = lora_config(RANK, ALPHA)
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,
         args=config,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(trl_rows(pairs)),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[Timing()],
+        callbacks=[timer.trl()],
     )
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "num_tokens" in h]
-    totals = [int(h["num_tokens"]) for h in logs]
-    tokens = [b - a for a, b in zip([0, *totals[:-1]], totals)]
+    tokens, _ = trl_tokens(trainer)
     return {
         "times": timer.times,
         "tokens": tokens,
@@ -385,7 +320,7 @@ def main() -> None:
     parser.add_argument("--side", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.side, args)), flush=True)
+        print_result(child(args.child, args.side, args))
         return
     names = args.rows.split(",")
     unknown = [n for n in names if n not in ROWS]
@@ -415,13 +350,11 @@ def main() -> None:
                 "--steps",
                 str(args.steps),
             ]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                print(f"{name}/{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-                results.append({"row": name, "side": side, "error": proc.stderr[-3000:]})
+            result, code, stderr = run_child(cmd, env)
+            if result is None:
+                print(f"{name}/{side} failed (exit {code}):\n{stderr[-3000:]}", flush=True)
+                results.append({"row": name, "side": side, "error": stderr[-3000:]})
             else:
-                result = json.loads(line[len("RESULT ") :])
                 if peak:
                     result["mfu"] = result["flops_per_token"] * result["tokens_per_s"] / (peak * 1e12)
                 results.append(result)
