@@ -441,3 +441,19 @@ def test_the_whole_job_under_torchrun_ends_like_one_process_and_only_rank_0_writ
     assert (two_dir / "state.json").read_text() == state
     assert not any("/iterations/" in line for line in audited_writes(tmp_path, "resumed", 0))
     assert json.loads((two_dir / "summary.json").read_text())["iterations"] == 2
+
+
+def test_under_torchrun_a_config_error_ends_every_rank_with_code_2(tmp_path: Path) -> None:
+    """torchrun starts 2 processes for a 1-device config: rank 0 prints the one-line error and
+    exits 2, rank 1 prints nothing and writes nothing, and no run directory is made."""
+    run_dir = tmp_path / "run"
+    proc = torchrun_comalkit(tmp_path, ["model=tiny", "oracle=rule", "trainer=fast"], run_dir, "bad")
+    assert proc.returncode != 0
+    assert proc.stderr.count("comalkit: config error: trainer.devices x trainer.num_nodes = 1 processes") == 1
+    # torchrun stops the other ranks as soon as one fails, so rank 1 ends with rank 0's code 2 or,
+    # if torchrun is faster, by its SIGTERM; the first failure torchrun names has code 2
+    assert "exitcode  : 2" in proc.stderr.split("Root Cause", 1)[1], proc.stderr[-3000:]
+    codes = [part.split()[0] for part in proc.stderr.split("exitcode  :")[1:]]
+    assert codes and set(codes) <= {"2", "-15"}, codes
+    assert not run_dir.exists()
+    assert audited_writes(tmp_path, "bad", 1) == []
