@@ -443,7 +443,7 @@ def test_the_whole_job_under_torchrun_ends_like_one_process_and_only_rank_0_writ
     assert json.loads((two_dir / "summary.json").read_text())["iterations"] == 2
 
 
-def test_under_torchrun_a_config_error_ends_every_rank_with_code_2(tmp_path: Path) -> None:
+def test_under_torchrun_a_config_error_is_one_line_from_rank_0_with_code_2(tmp_path: Path) -> None:
     """torchrun starts 2 processes for a 1-device config: rank 0 prints the one-line error and
     exits 2, rank 1 prints nothing and writes nothing, and no run directory is made."""
     run_dir = tmp_path / "run"
