@@ -556,9 +556,8 @@ def lead_followers(
         "out_dir": str(out_dir),
         "step_offset": step_offset,
     }
-    buffer = io.BytesIO()
-    torch.save(job, buffer)
-    _broadcast(("fit", buffer.getvalue()))
+    # an in-memory message between the ranks of one job, never a file read back (docs/scaling.md)
+    _broadcast(("fit", job))
 
 
 def finish_ranks(code: int) -> None:
@@ -593,7 +592,7 @@ def follow_rank_zero(build_policy: Any) -> int:
             with contextlib.suppress(Exception):
                 dist.barrier(group=_Launch.control)
             return int(payload)
-        job = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+        job = payload
         policy = policy if policy is not None else build_policy()
         policy.load_snapshot(job["snapshot"])
         fit_as_rank(
