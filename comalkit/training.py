@@ -298,16 +298,6 @@ def check_records(records: Sequence[PreferenceRecord], solver: SubgameSolver, wh
                 )
 
 
-def lean_sequence_logps(
-    policy: Any, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, chunk: int = 256
-) -> tuple[Tensor, Tensor]:
-    """``policy.sequence_logps`` through the chunked, recomputed LM head (``trainer.lean_logps``).
-
-    The kernel is :func:`comalkit.logprobs.sequence_logps`; docs/training.md has its memory and speed.
-    """
-    return policy.sequence_logps(input_ids, attention_mask, response_mask, lean=True, chunk=chunk)
-
-
 # ---------------------------------------------------------------------------------------------
 # The shared LightningModule
 # ---------------------------------------------------------------------------------------------
@@ -797,7 +787,6 @@ __all__ = [
     "check_records",
     "fit",
     "fit_as_rank",
-    "lean_sequence_logps",
     "lr_lambda",
     "precompute_logps",
     "required_keys",

@@ -21,7 +21,6 @@ from comalkit.training import (
     PreferenceModule,
     SchedulerConfig,
     fit,
-    lean_sequence_logps,
     lr_lambda,
     precompute_logps,
     required_keys,
@@ -122,7 +121,7 @@ def test_lean_logps_equal_the_policys_with_the_same_gradients(lora: bool) -> Non
         [r["prompt"] for r in records] * 2, [r["chosen"] for r in records] + [r["rejected"] for r in records]
     )
     results = []
-    for score in (policy.sequence_logps, lambda *b: lean_sequence_logps(policy, *b, chunk=50)):
+    for score in (policy.sequence_logps, lambda *b: policy.sequence_logps(*b, lean=True, chunk=50)):
         policy.model.zero_grad()
         logps, counts = score(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
