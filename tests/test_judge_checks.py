@@ -65,29 +65,36 @@ def test_check_report_counts_both_orders() -> None:
     assert report["log_loss"] > 0
 
 
+#: the held-out half's first 66 rows, the pairs it had before issue 13 added 20 fresh ones
+ORIGINAL_HELD_OUT = 66
+
+
 @pytest.fixture(scope="module")
-def default_judge_report(halves: dict[str, list[dict]]) -> dict[str, float]:
+def default_judge_report(halves: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     judge = instantiate(compose([]).oracle)  # exactly what `python -m comalkit` judges with
-    report = check_report(judge, halves["checks_heldout"])
+    held = halves["checks_heldout"]
+    report = {"all": check_report(judge, held), "original": check_report(judge, held[:ORIGINAL_HELD_OUT])}
     judge.close()
     return report
 
 
 @pytest.mark.slow
 def test_default_judge_does_not_fall_below_its_measured_held_out_accuracy(
-    default_judge_report: dict[str, float],
+    default_judge_report: dict[str, dict[str, float]],
 ) -> None:
-    # 59/66 measured with the shipped code (docs/oracles.md): a regression guard, not the goal
-    assert default_judge_report["both"] >= 59 / 66 - 1e-9, default_judge_report
+    # 59/66 measured on the original pairs with the shipped code (docs/oracles.md): a guard, not the goal
+    original = default_judge_report["original"]
+    assert original["both"] >= 59 / 66 - 1e-9, original
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="open done-when of issue 13: the default judge is 59/66 = 89.4 % right held out "
-    "(docs/oracles.md); the bar is not lowered and the held-out half is not tuned on",
+    reason="open done-when of issue 13: the default judge is 59/66 = 89.4 % right on the original "
+    "held-out pairs (docs/oracles.md); the bar is not lowered and the held-out half is not tuned on",
     strict=False,
 )
 def test_default_judge_is_right_on_90_percent_of_the_held_out_half(
-    default_judge_report: dict[str, float],
+    default_judge_report: dict[str, dict[str, float]],
 ) -> None:
-    assert default_judge_report["both"] >= 0.9, f"default judge held out: {default_judge_report}"
+    held_out = default_judge_report["all"]
+    assert held_out["both"] >= 0.9, f"default judge held out: {held_out}"
