@@ -82,15 +82,16 @@ def default_judge_report(halves: dict[str, list[dict]]) -> dict[str, dict[str, f
 def test_default_judge_does_not_fall_below_its_measured_held_out_accuracy(
     default_judge_report: dict[str, dict[str, float]],
 ) -> None:
-    # 59/66 measured on the original pairs with the shipped code (docs/oracles.md): a guard, not the goal
-    original = default_judge_report["original"]
+    # measured with the shipped code after the refit (docs/oracles.md): a guard, not the goal
+    held_out, original = default_judge_report["all"], default_judge_report["original"]
+    assert held_out["both"] >= 76 / 86 - 1e-9, held_out
     assert original["both"] >= 59 / 66 - 1e-9, original
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="open done-when of issue 13: the default judge is 59/66 = 89.4 % right on the original "
-    "held-out pairs (docs/oracles.md); the bar is not lowered and the held-out half is not tuned on",
+    reason="open done-when of issue 13: the refitted default judge is 76/86 = 88.4 % right held out "
+    "(docs/oracles.md); the bar is not lowered and the held-out half is not tuned on",
     strict=False,
 )
 def test_default_judge_is_right_on_90_percent_of_the_held_out_half(
