@@ -36,9 +36,7 @@ class BundledPrompts(SplitPrompts):
     COMAL's code (6 splits, iteration k uses split k mod 6).
     """
 
-    split_size: int = param(
-        16, ge=1, help="prompts per iteration (50 = one bundled part, as in COMAL's code)"
-    )
+    split_size: int = param(8, ge=1, help="prompts per iteration (50 = one bundled part, as in COMAL's code)")
     num_splits: int | None = param(None, ge=1, help="splits to cycle through; default: as many as fit")
     eval_size: int | None = param(None, ge=0, help="held-out prompts for evaluation; default: all 50")
     shuffle: bool = param(False, help="shuffle the pooled training prompts before cutting splits")

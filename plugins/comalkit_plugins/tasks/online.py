@@ -34,7 +34,7 @@ class OnlineTask(Task):
     samples_per_prompt: int = param(4, ge=2, help="responses sampled per prompt (the paper: 5)")
     temperature: float = param(0.8, gt=0.0, help="sampling temperature (the paper: 0.8)")
     top_p: float = param(0.95, gt=0.0, le=1.0, help="nucleus sampling (the paper: 0.95)")
-    max_new_tokens: int = param(48, ge=1, help="response length limit")
+    max_new_tokens: int = param(32, ge=1, help="response length limit")
     eval_prompts: int = param(8, ge=0, help="held-out prompts for per-iteration win rates (0: skip)")
 
     def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
