@@ -106,7 +106,7 @@ def run_comalkit(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, 
     from comalkit_plugins.models.smollm2 import SmolLM2
     from comalkit_plugins.solvers.dpo import DPO
 
-    from comalkit.policy import LoraSettings
+    from comalkit.lm.lora import LoraSettings
     from comalkit.training import fit, precompute_logps
 
     lora = LoraSettings(r=RANK, alpha=ALPHA, dropout=0.0, target_modules=TARGETS)
@@ -136,7 +136,8 @@ def run_trl(spec: dict[str, Any], pairs: list[dict[str, str]], steps: int, out: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from comalkit.models import bundled_gguf_path, converted_gguf_dir, ensure_pad_token
+    from comalkit.lm.gguf import bundled_gguf_path, converted_gguf_dir
+    from comalkit.lm.tokens import ensure_pad_token
 
     path = converted_gguf_dir(bundled_gguf_path())
     tokenizer = AutoTokenizer.from_pretrained(path)

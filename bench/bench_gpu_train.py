@@ -18,7 +18,7 @@ tiny-full/lora  a 2-layer toy, for a CPU smoke run      4
 
 "batch" is preference pairs per optimizer step (2x sequences). Each (row, side) runs in its own
 process so peak memory is its own. The text is random words through a byte-level tokenizer
-(:func:`comalkit.models.tiny_tokenizer`), so nothing is downloaded and every row sees the same
+(:func:`comalkit_plugins.models.tiny.tiny_tokenizer`), so nothing is downloaded and every row sees the same
 token count.
 
 What is compared: tokens/s (non-padding tokens of chosen and rejected per step over the median
@@ -198,10 +198,11 @@ def flops_per_token(model: Any, shape: dict[str, Any], lora: bool, seq_len: int)
 def run_comalkit(
     row: dict[str, Any], pairs: list[dict[str, str]], args: argparse.Namespace, out: str
 ) -> dict[str, Any]:
+    from comalkit_plugins.models.tiny import tiny_tokenizer
     from comalkit_plugins.solvers.dpo import DPO
 
-    from comalkit.models import tiny_tokenizer
-    from comalkit.policy import LMPolicy, LoraSettings
+    from comalkit.lm.lora import LoraSettings
+    from comalkit.lm.policy import LMPolicy
     from comalkit.training import fit, precompute_logps
 
     shape = SHAPES[row["shape"]]
@@ -236,10 +237,9 @@ def run_comalkit(
 def run_trl(
     row: dict[str, Any], pairs: list[dict[str, str]], args: argparse.Namespace, out: str
 ) -> dict[str, Any]:
+    from comalkit_plugins.models.tiny import tiny_tokenizer
     from datasets import Dataset
     from trl import DPOTrainer
-
-    from comalkit.models import tiny_tokenizer
 
     shape = SHAPES[row["shape"]]
     tokenizer = tiny_tokenizer()

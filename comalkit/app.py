@@ -130,7 +130,7 @@ def _check_model(model: DictConfig) -> None:
             )
     lora = model.get("lora")
     if isinstance(lora, DictConfig) and lora.get("enabled") is False:
-        from comalkit.policy import LoraSettings
+        from comalkit.lm.lora import LoraSettings
 
         defaults = LoraSettings()
         changed = [k for k in lora if k != "enabled" and lora[k] != getattr(defaults, k, lora[k])]

@@ -79,7 +79,7 @@ def _why_not_writable(directory: Path) -> tuple[int, str] | None:
 
 def shared_cache_path() -> Path:
     """The judgment cache shared by every run of this user: ``<comalkit cache>/judgments.sqlite``."""
-    from comalkit.models import cache_dir
+    from comalkit.lm.gguf import cache_dir
 
     return cache_dir() / "judgments.sqlite"
 

@@ -27,7 +27,7 @@ def one_thread():
 def tiny_judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random causal LM saved as a local model directory, for the model-based judges
     (read only: every test that takes it shares one)."""
-    from comalkit.models import tiny_causal_lm
+    from comalkit_plugins.models.tiny import tiny_causal_lm
 
     path = tmp_path_factory.mktemp("tiny-judge")
     model, tokenizer = tiny_causal_lm(seed=5)

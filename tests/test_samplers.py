@@ -10,10 +10,11 @@ import json
 
 import pytest
 import torch
+from comalkit_plugins.models.tiny import tiny_causal_lm
 from comalkit_plugins.samplers.hf import HFSampler
 
-from comalkit.models import tiny_causal_lm
-from comalkit.policy import LMPolicy, LoraSettings
+from comalkit.lm.lora import LoraSettings
+from comalkit.lm.policy import LMPolicy
 from comalkit.registry import ConfigError, instantiate, validate
 from comalkit.testing import check_sampler, compose
 

@@ -13,8 +13,9 @@ from comalkit_plugins.data.preferences import SAMPLE_HELDOUT, SAMPLE_TRAIN
 from comalkit_plugins.models.tiny import TinyModel
 from run_overrides import TRL_METRICS
 
+from comalkit.lm.lora import LoraSettings
+from comalkit.lm.policy import LMPolicy
 from comalkit.outputs import Run, read_metrics
-from comalkit.policy import LMPolicy, LoraSettings
 from comalkit.preference_data import load_preferences
 from comalkit.registry import ConfigError, registry
 from comalkit.training import (

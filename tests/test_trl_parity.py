@@ -216,13 +216,12 @@ def test_training_matches_trls_dpo_trainer_step_by_step(tmp_path):
     steps in float32 by ``comalkit.training.fit`` and by TRL's DPOTrainer, must log the same
     loss, log-probs and gradient norm at every step (measured on SmolLM2: equal to 1e-4 too)."""
     import lightning as L
-    from comalkit_plugins.models.tiny import TinyModel
+    from comalkit_plugins.models.tiny import TinyModel, tiny_causal_lm
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import logging as hf_logging
 
-    from comalkit.models import tiny_causal_lm
-    from comalkit.policy import LoraSettings
+    from comalkit.lm.lora import LoraSettings
     from comalkit.training import fit, precompute_logps
 
     trl = pytest.importorskip("trl")

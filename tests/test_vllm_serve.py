@@ -25,7 +25,7 @@ import torch
 from comalkit_plugins.oracles.http_judge import HttpJudge
 
 from comalkit.interfaces import Comparison
-from comalkit.models import bundled_gguf_path, converted_gguf_dir
+from comalkit.lm.gguf import bundled_gguf_path, converted_gguf_dir
 
 pytestmark = pytest.mark.slow
 NAME = "comalkit-judge"

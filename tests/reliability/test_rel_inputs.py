@@ -13,11 +13,15 @@ import struct
 from pathlib import Path
 
 import pytest
+from comalkit_plugins.models.tiny import tiny_causal_lm
 from probe import TINY_OFFLINE, assert_no_results, assert_one_line, failure
 
 from comalkit.__main__ import load_plugins
-from comalkit.models import ModelError, check_adapter_base, load_causal_lm, tiny_causal_lm
-from comalkit.policy import LMPolicy, LoraSettings
+from comalkit.lm.checkpoints import check_adapter_base
+from comalkit.lm.files import ModelError
+from comalkit.lm.loading import load_causal_lm
+from comalkit.lm.lora import LoraSettings
+from comalkit.lm.policy import LMPolicy
 from comalkit.preference_data import load_preferences
 from comalkit.prompts import read_prompts
 from comalkit.registry import ConfigError, instantiate

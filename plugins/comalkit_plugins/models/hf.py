@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from comalkit.models import check_chat_template, load_causal_lm
-from comalkit.policy import PolicySettings
+from comalkit.lm.loading import check_chat_template, load_causal_lm
+from comalkit.lm.settings import PolicySettings
 from comalkit.registry import ConfigError, param, plugin
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from comalkit.models import bundled_gguf_path, load_causal_lm
-from comalkit.policy import PolicySettings
+from comalkit.lm.gguf import bundled_gguf_path
+from comalkit.lm.loading import load_causal_lm
+from comalkit.lm.settings import PolicySettings
 from comalkit.registry import plugin
 
 

@@ -1,13 +1,27 @@
-"""``model=tiny``: a small randomly initialised Llama for tests (no download, milliseconds)."""
+"""``model=tiny``: a small randomly initialised Llama for tests (no download, milliseconds).
+
+:func:`tiny_causal_lm` builds a small randomly initialised Llama with an in-code byte-level
+tokenizer (:func:`tiny_tokenizer`) and a ChatML chat template: no download, no cache.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from comalkit.models import tiny_causal_lm
-from comalkit.policy import PolicySettings
+import torch
+
+from comalkit.lm.loading import resolve_dtype
+from comalkit.lm.settings import PolicySettings
 from comalkit.registry import param, plugin
+
+#: ChatML, as SmolLM2 uses it (without SmolLM2's default system prompt).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @plugin("model", "tiny")
@@ -36,3 +50,80 @@ class TinyModel(PolicySettings):
             dtype=self.dtype,
         )
         return model, tokenizer
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE tokenizer with no merges (every UTF-8 byte is a token) and ChatML specials.
+
+    Built in code from the ``tokenizers`` library, so it is deterministic, needs no download
+    and encodes any text without unknown tokens. ``<|im_end|>`` is both EOS and pad, as in
+    SmolLM2, so code that confuses the two is caught by tests on the tiny model too.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=specials,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_causal_lm(
+    vocab_size: int | None = None,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 64,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    dtype: str | torch.dtype = "float32",
+) -> tuple[Any, Any]:
+    """A randomly initialised ``LlamaForCausalLM`` and :func:`tiny_tokenizer`, for fast tests.
+
+    The same ``seed`` gives the same weights (the global RNG is left untouched). Embeddings
+    are tied, as in SmolLM2. ``vocab_size`` defaults to the tokenizer's size and must not be
+    smaller.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    vocab = len(tokenizer) if vocab_size is None else vocab_size
+    if vocab < len(tokenizer):
+        raise ValueError(
+            f"vocab_size={vocab_size} is smaller than the tiny tokenizer's {len(tokenizer)} tokens"
+        )
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.to(resolve_dtype(dtype))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer

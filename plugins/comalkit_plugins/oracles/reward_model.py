@@ -30,7 +30,9 @@ class ClassifierReward:
     def __init__(self, path: str, dtype: str = "float32") -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from comalkit.models import ensure_pad_token, quiet_progress_bars, resolve_dtype
+        from comalkit.lm.loading import resolve_dtype
+        from comalkit.lm.quiet import quiet_progress_bars
+        from comalkit.lm.tokens import ensure_pad_token
 
         with quiet_progress_bars():
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

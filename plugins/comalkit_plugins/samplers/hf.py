@@ -13,7 +13,7 @@ from comalkit.registry import param, plugin
 @plugin("sampler", "hf")
 @dataclass
 class HFSampler(Sampler):
-    """Samples with :meth:`comalkit.policy.LMPolicy.sample`: no second copy of the weights,
+    """Samples with :meth:`comalkit.lm.policy.LMPolicy.sample`: no second copy of the weights,
     no start-up, and the same seed gives the same responses on the CPU (docs/sampling.md)."""
 
     batch_size: int = param(16, ge=1, help="sequences per generate call")

@@ -2,7 +2,7 @@
 
 The engine loads the policy's base model directory (for the bundled SmolLM2, the safetensors
 copy comalkit converts the GGUF into) and is started lazily on the first call. What reaches it
-is what :meth:`comalkit.policy.LMPolicy.sample` would use: the policy's own prompt token ids
+is what :meth:`comalkit.lm.policy.LMPolicy.sample` would use: the policy's own prompt token ids
 (chat template and truncation), its end-of-turn token as the only stop token, the same
 temperature / top-p / response length, and the generated ids are decoded by the policy's
 tokenizer without special tokens. docs/sampling.md has the details and the measurements.

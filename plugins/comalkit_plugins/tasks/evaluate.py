@@ -237,7 +237,7 @@ class EvaluateTask(Task):
 
 def load_policy(model: Any, path: Path | None) -> Any:
     """The policy of a contestant: the configured model (``path=None``) or a checkpoint on its base."""
-    from comalkit.policy import LMPolicy
+    from comalkit.lm.policy import LMPolicy
 
     if path is None:
         return model.build()
