@@ -13,7 +13,7 @@ ONE_SMALL_ITERATION = [
 ]
 #: that iteration on the tiny random model, judged by the rule oracle, with the fast trainer
 TINY_ONLINE = ["model=tiny", "oracle=rule", "trainer=fast", *ONE_SMALL_ITERATION]
-#: the per-step metric names training logs under TRL's names (comalkit/training.py), so runs compare
+#: the per-step metric names training logs under TRL's names (comalkit/training/module.py), so runs compare
 TRL_METRICS = frozenset(
     {
         "loss",
