@@ -34,6 +34,7 @@ from torch import Tensor
 
 from comalkit.interfaces import ReferenceUpdater, Snapshot, SubgameSolver
 from comalkit.registry import ConfigError
+from comalkit.schedule import RoundSchedule
 
 #: Default tolerance on ``M[i][j] + M[j][i] = 1`` and on a start policy's sum.
 TOL = 1e-6
@@ -665,8 +666,8 @@ def run_dynamics(
 
     Per iteration k (0-based): ``log π ← solver.population_update(log π, log μ, win_rate)``
     with ``win_rate(log π) = M π``; then ``reference.update`` may move μ (the tabular
-    snapshot is ``{"logits": log π}``), and at the start of each outer round
-    ``solver.set_strength(reference.strength(round))`` when that is not None. The reference
+    snapshot is ``{"logits": log π}``), and at the start of each outer round the
+    :class:`~comalkit.schedule.RoundSchedule` gives the solver that round's strength. The reference
     starts at the start policy. With ``tol``, every ``check_every`` iterations the worst
     game's duality gap is computed, and the run stops once it is below ``tol``.
     Metrics against π* (the LP solution unless ``nash`` is given) are recorded every
@@ -730,12 +731,13 @@ def _loop(
     logp = ops.start(p0)
     ref: Snapshot = {"logits": ops.tensor(logp).reshape(p0.shape).to(p0.device).clone()}
     ref_logp = ops.reference(ref, logp)
-    round_index = reference.round_of(0)
-    _apply_strength(solver, reference, round_index)
+    schedule = RoundSchedule(reference, solver)
+    round_index = schedule.round_of(0)
+    schedule.apply(round_index)
     round_ends: list[int] = []
     round_policies: list[Any] = []
     recorder.add(0, logp)
-    win_rate, snapshot, round_of = ops.win_rate, ops.snapshot, reference.round_of
+    win_rate, snapshot, round_of = ops.win_rate, ops.snapshot, schedule.round_of
     update = ops.bind(solver, ref_logp)
     # record_every=0: every iteration up to AUTO_RECORD_DENSE, then ten times sparser each decade
     stride, decade = (record_every, 0) if record_every else (1, AUTO_RECORD_DENSE)
@@ -744,7 +746,7 @@ def _loop(
         this_round = round_of(k)
         if this_round != round_index:
             round_index = this_round
-            if _apply_strength(solver, reference, round_index):
+            if schedule.apply(round_index) is not None:
                 update = ops.bind(solver, ref_logp)
         logp = update(logp, ref_logp, win_rate)
         if snapshot is None:
@@ -768,14 +770,6 @@ def _loop(
         if stop:
             break
     return logp, done, round_ends, round_policies
-
-
-def _apply_strength(solver: SubgameSolver, reference: ReferenceUpdater, round_index: int) -> bool:
-    """Set the round's strength, if the reference schedules one; whether it did."""
-    value = reference.strength(round_index)
-    if value is not None:
-        solver.set_strength(value)
-    return value is not None
 
 
 def _check_finite(gaps: Tensor, steps: Sequence[int]) -> None:

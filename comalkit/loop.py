@@ -47,6 +47,7 @@ from comalkit.interfaces import (
 )
 from comalkit.outputs import CorruptFileError, read_metrics, write_json
 from comalkit.plots import plot_progress
+from comalkit.schedule import RoundSchedule
 from comalkit.stages import (
     Stage,
     StageFailure,
@@ -212,6 +213,9 @@ class MetaLoop:
     trainer: Any
     run: RunContext
 
+    def __post_init__(self) -> None:
+        self.schedule = RoundSchedule(self.reference_updater, self.solver)
+
     @property
     def root(self) -> Path:
         return Path(self.run.out_dir)
@@ -271,7 +275,7 @@ class MetaLoop:
         if not metrics and s.iterations > 0:
             metrics = json.loads((self.iter_dir(s.iterations - 1) / "metrics.json").read_text())
         final = self.root / "checkpoints" / f"iter_{s.iterations - 1:03d}"
-        rounds = self.reference_updater.round_of(s.iterations - 1) + 1
+        rounds = self.schedule.rounds(s.iterations)
         summary = {**metrics, **self._run_cycle_rate(s.iterations)}
         return {**summary, "final_checkpoint": str(final), "iterations": s.iterations, "rounds": rounds}
 
@@ -280,7 +284,7 @@ class MetaLoop:
     ) -> tuple[dict[str, Any], Carry]:
         """One inner iteration of round ``round_of(k)``, as its seven stages."""
         d = self.iter_dir(k)
-        round_index = self.reference_updater.round_of(k)
+        round_index = self.schedule.round_of(k)
         strength = self._start_round(k, round_index)
         last = self.policy.snapshot()
 
@@ -492,12 +496,9 @@ class MetaLoop:
 
     # -- rounds, failures and the end of an iteration -------------------------------------------
     def _start_round(self, k: int, round_index: int) -> float | None:
-        """Set the round's strength; say when a round starts."""
-        updater = self.reference_updater
-        strength = updater.strength(round_index)
-        if strength is not None:
-            self.solver.set_strength(strength)
-        if k == 0 or updater.round_of(k - 1) != round_index:
+        """Set the round's strength (every iteration, so a resumed run sets it too); say when a round starts."""
+        strength = self.schedule.apply(round_index)
+        if self.schedule.starts_round(k):
             shown = f", strength {strength:g}" if strength is not None else ""
             log.info("round %d starts at iteration %d%s", round_index + 1, k + 1, shown)
         return strength
