@@ -18,18 +18,39 @@ import os
 import re
 import shutil
 import tempfile
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from comalkit.interfaces import RunContext
+from comalkit.interfaces import MetricLogger, RunContext
 
 log = logging.getLogger("comalkit")
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def _process_umask() -> int:
+    """The process umask, read without changing it where the system allows.
+
+    ``os.umask`` reads the mask only by setting a new one, and for that moment a file created by
+    another thread (the judge server answers in threads) would get the wrong permissions. Linux
+    reports the mask in ``/proc/self/status``. Without ``/proc`` (macOS) it is set and restored
+    once, when this module is imported: comalkit imports it before it starts any thread, and the
+    mask set meanwhile is the strict 0o077, never a looser one.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+#: the umask run files are created under (see :func:`_process_umask`)
+_UMASK = _process_umask()
 
 #: the lock file a running process holds in its run directory
 LOCK_FILE = ".comalkit.lock"
@@ -125,19 +146,6 @@ def to_jsonable(value: Any) -> Any:
 
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write(path, json.dumps(to_jsonable(data), indent=2) + "\n")
-
-
-class MetricLogger(ABC):
-    """An extra sink for metrics (the ``logger`` group); ``metrics.jsonl`` is always written."""
-
-    @abstractmethod
-    def start(self, out_dir: Path, config: dict[str, Any]) -> None: ...
-
-    @abstractmethod
-    def log(self, metrics: dict[str, Any], step: int) -> None: ...
-
-    def finish(self, summary: dict[str, Any]) -> None:  # noqa: B027 - optional hook
-        """Flush and close; called once with the final summary."""
 
 
 class Run(RunContext):

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from comalkit.outputs import MetricLogger, to_jsonable
+from comalkit.interfaces import MetricLogger
+from comalkit.outputs import to_jsonable
 from comalkit.registry import param, plugin
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,13 @@ class WandbLogger(MetricLogger):
     def start(self, out_dir: Path, config: dict[str, Any]) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         group, name = self.group, self.name or Path(out_dir).name
-        try:
-            from hydra.core.hydra_config import HydraConfig
-            from hydra.types import RunMode
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
+        if group is None and HydraConfig.initialized():  # outside a Hydra job there is no sweep
             hc = HydraConfig.get()
-            if group is None and hc.mode == RunMode.MULTIRUN:
+            if hc.mode == RunMode.MULTIRUN:
                 group = Path(hc.sweep.dir).name
-        except Exception:
-            pass
         try:
             import wandb
 
@@ -73,7 +72,9 @@ class WandbLogger(MetricLogger):
             )
             self._run.define_metric("iteration")
             self._run.define_metric("*", step_metric="iteration")
-        except Exception as exc:  # wandb must never stop a run
+        except Exception as exc:
+            # wandb must never stop a run: any failure to start (no key, no network, a broken
+            # install) turns this sink off with a warning; metrics.jsonl still gets every row
             warnings.warn(f"wandb logging disabled: {exc}", stacklevel=2)
             self._run = None
 
