@@ -1,8 +1,8 @@
 """GGUF files: the bundled SmolLM2 file, and a one-time conversion into a cached safetensors directory.
 
-transformers dequantizes a GGUF file into an ordinary model, but that takes 20–60 s (mostly
-metadata parsing), so the result is converted **once** into a safetensors directory under
-:func:`cache_dir` and every later load reads that copy (~0.3 s; docs/models.md). The cache
+transformers dequantizes a GGUF file into an ordinary model, but slowly (mostly parsing
+metadata; docs/models.md has the times), so the result is converted **once** into a
+safetensors directory under :func:`cache_dir` and every later load reads that copy. The cache
 root is shared by everything comalkit caches across runs (the judgment cache and the judge
 model files live there too). transformers is imported lazily, so importing this module is cheap.
 """

