@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -210,14 +209,6 @@ class GameBatch:
     @property
     def n(self) -> int:
         return self.matrices.shape[-1]
-
-
-class GameSource(ABC):
-    """What a ``game=<name>`` plugin provides: a batch of validated games."""
-
-    @abstractmethod
-    def build(self) -> GameBatch:
-        """Generate or load the games (validated) and their start policies."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,10 +38,13 @@ import torch
 from tqdm.auto import tqdm
 
 from comalkit.interfaces import (
+    PairBuilder,
     PreferenceOracle,
+    PromptSource,
     ReferenceUpdater,
     RunContext,
     Sampler,
+    SamplingPolicy,
     Snapshot,
     SubgameSolver,
 )
@@ -202,13 +205,13 @@ class MetaLoop:
     ``trainer`` is the :class:`comalkit.training.TrainerConfig` the train stage fits with.
     """
 
-    policy: Any
+    policy: SamplingPolicy
     sampler: Sampler
     solver: SubgameSolver
     oracle: PreferenceOracle
     reference_updater: ReferenceUpdater
-    prompts: Any
-    pair_builder: Any
+    prompts: PromptSource
+    pair_builder: PairBuilder
     settings: LoopSettings
     trainer: Any
     run: RunContext

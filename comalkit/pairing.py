@@ -9,18 +9,20 @@ decides which (chosen, rejected) pairs to train on.
 
 Records are plain dicts, the same format as a preference file (``comalkit.preference_data``):
 ``prompt``, ``chosen``, ``rejected``; ``chosen_winprob``/``rejected_winprob`` (= P̂(y ≻ π_t))
-when the builder :attr:`~PairBuilder.provides_win_probs`; ``weight`` when it weighs pairs.
+when the builder :attr:`~comalkit.interfaces.PairBuilder.provides_win_probs`; ``weight`` when it
+weighs pairs. :class:`PerPromptPairBuilder` is the base of the built-in builders.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from comalkit.interfaces import WIN_PROBS, PairBuilder
 from comalkit.registry import ConfigError, registry
 
 #: win rates or probabilities closer than this count as tied
@@ -60,15 +62,12 @@ class PairRecords(list):
         return out
 
 
-class PairBuilder(ABC):
-    """Turns sampled responses and their win matrices into training records.
+class PerPromptPairBuilder(PairBuilder):
+    """A :class:`~comalkit.interfaces.PairBuilder` that chooses pairs one prompt at a time.
 
     Subclasses implement :meth:`select` for one prompt; :meth:`build` checks the inputs,
     ranks the responses and assembles the records.
     """
-
-    #: whether records carry ``chosen_winprob``/``rejected_winprob`` (see :func:`check_compatible`)
-    provides_win_probs: bool = False
 
     @abstractmethod
     def select(
@@ -133,7 +132,7 @@ def check_compatible(solver: Any, builder: Any) -> None:
 
     Raises :class:`~comalkit.registry.ConfigError` saying what to change.
     """
-    if not getattr(solver, "needs_win_probs", False) or getattr(builder, "provides_win_probs", False):
+    if WIN_PROBS not in getattr(solver, "inputs", ()) or getattr(builder, "provides_win_probs", False):
         return
     solver_name, builder_name = _option("solver", solver), _option("pairs", builder)
     fixes = []
@@ -145,9 +144,9 @@ def check_compatible(solver: Any, builder: Any) -> None:
         if getattr(registry.get("pairs", n), "provides_win_probs", None) is True
     ]
     fixes += [f"use pairs={n}" for n in givers]
-    fixes.append("choose a solver with hard labels (needs_win_probs=False)")
+    fixes.append("choose a solver with hard labels (without the win_probs input)")
     raise ConfigError(
-        f"solver={solver_name} needs per-response win probabilities P̂(y ≻ π_t) (needs_win_probs=True), "
+        f"solver={solver_name} needs per-response win probabilities P̂(y ≻ π_t) (its inputs include win_probs), "
         f"but pairs={builder_name} gives none: " + ", or ".join(fixes) + "."
     )
 

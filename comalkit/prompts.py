@@ -2,7 +2,7 @@
 
 COMAL's public code cuts its prompt set into 6 fixed splits and gives iteration ``k`` the
 split ``k mod 6``, so that each subgame sees fresh prompts and a long run cycles through the
-data. :class:`PromptSource` is that contract (``split(k)``, ``num_splits``,
+data. :class:`comalkit.interfaces.PromptSource` is that contract (``split(k)``, ``num_splits``,
 ``eval_prompts()``); :class:`SplitPrompts` implements it on top of :func:`make_splits`, and
 the ``data`` plugins only decide where the prompts come from.
 
@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from comalkit.interfaces import PromptSource
 from comalkit.registry import ConfigError
 
 log = logging.getLogger("comalkit")
@@ -47,28 +47,6 @@ class PromptDataError(ConfigError):
     A :class:`~comalkit.registry.ConfigError` (so a ``ValueError``): the app reports it as a
     one-line error naming what to change, without a traceback.
     """
-
-
-# ---------------------------------------------------------------------------------------------
-# The contract the loop uses
-# ---------------------------------------------------------------------------------------------
-class PromptSource(ABC):
-    """Where the online loop's prompts come from (the ``data`` group in online mode).
-
-    ``split(k)`` is the prompt list of iteration ``k`` (``k`` ≥ 0, cycling through
-    ``num_splits`` fixed splits); ``eval_prompts()`` is a held-out list that never appears in
-    a training split (it may be empty when the source has none).
-    """
-
-    num_splits: int
-
-    @abstractmethod
-    def split(self, k: int) -> list[str]:
-        """The prompts of iteration ``k``: split ``k mod num_splits``."""
-
-    @abstractmethod
-    def eval_prompts(self) -> list[str]:
-        """Held-out prompts for evaluation; ``[]`` when the source has none."""
 
 
 @dataclass

@@ -29,7 +29,12 @@ from omegaconf import DictConfig, open_dict
 from comalkit.__main__ import load_plugins
 from comalkit.app import CONF_DIR
 from comalkit.interfaces import (
+    INPUT_FIELDS,
+    LAST_ITERATE_LOGPS,
+    REFERENCE_LOGPS,
+    WIN_PROBS,
     Comparison,
+    GameOnlySolver,
     PairLogps,
     PreferenceOracle,
     ReferenceUpdater,
@@ -209,12 +214,11 @@ def exact_pairs(
         rejected_tokens=ones,
         weight=pi_t[i] * pi_t[j] * m[i, j],
     )
-    if solver.needs_reference:
-        batch.ref_chosen, batch.ref_rejected = ref[i], ref[j]
-    if solver.needs_last_iterate:
-        batch.last_chosen, batch.last_rejected = last[i], last[j]
-    if solver.needs_win_probs:
-        batch.chosen_winprob, batch.rejected_winprob = p[i], p[j]
+    values = {LAST_ITERATE_LOGPS: last, REFERENCE_LOGPS: ref, WIN_PROBS: p}
+    for name in solver.inputs:
+        chosen, rejected = INPUT_FIELDS[name]
+        setattr(batch, chosen, values[name][i])
+        setattr(batch, rejected, values[name][j])
     return batch
 
 
@@ -259,8 +263,8 @@ def check_solver(
     :class:`~comalkit.registry.ConfigError` from ``set_strength``, is skipped) and each game:
     ``population_update`` returns normalised, finite log-probs of the input's shape, a batch
     of games gives what each game gives alone, and the update moves π_t (else the bridge
-    check proves nothing). For a language-model solver (``language_model = True``) the loss,
-    fed only the inputs it declares (``needs_*``), gives finite per-pair losses and rewards of
+    check proves nothing). For a language-model solver (not a ``GameOnlySolver``) the loss,
+    fed only the inputs it declares (``inputs``), gives finite per-pair losses and rewards of
     shape [B] and finite gradients, and minimising it with exact expectations (every ordered
     pair, weighted ``π_t(y) π_t(y') P(y ≻ y')``) lands on ``population_update`` within ``atol``:
     the loss that trains a language model implements the game dynamics (docs/solvers.md).
@@ -298,7 +302,7 @@ def check_solver(
                 and bool(torch.allclose(batched, update.expand(2, -1), atol=1e-9, rtol=0)),
                 f"{where}: population_update on a batch of games differs from one game at a time",
             )
-            if subject.language_model:
+            if not isinstance(subject, GameOnlySolver):
                 _check_loss(subject, where, m, last, ref)
                 got = minimise_loss(subject, last, ref, m)
                 gap = float((got - update.exp()).abs().max())

@@ -8,7 +8,15 @@ from comalkit_plugins.solvers.sppo import lambert_w
 from omegaconf import OmegaConf
 
 from comalkit.__main__ import load_plugins
-from comalkit.interfaces import PairLogps
+from comalkit.interfaces import (
+    LAST_ITERATE_LOGPS,
+    REFERENCE_LOGPS,
+    WIN_PROBS,
+    GameOnlySolver,
+    PairLogps,
+    SubgameSolver,
+    require_language_model_solver,
+)
 from comalkit.registry import ConfigError, instantiate, registry, validate
 
 load_plugins()
@@ -136,7 +144,7 @@ def test_weights_and_batch_checks():
         solver("sppo").loss(pairs([0.0], [0.0], last_chosen=[0.0], last_rejected=[0.0]))
 
 
-def test_needs_flags_match_what_each_loss_reads():
+def test_declared_inputs_match_what_each_loss_reads():
     expected = {  # (reference, last iterate, win probabilities)
         "dpo": (True, False, False),
         "ipo": (True, False, False),
@@ -148,8 +156,9 @@ def test_needs_flags_match_what_each_loss_reads():
     }
     for name, flags in expected.items():
         s = solver(name)
-        assert (s.needs_reference, s.needs_last_iterate, s.needs_win_probs) == flags, name
-        assert s.language_model
+        declared = (REFERENCE_LOGPS in s.inputs, LAST_ITERATE_LOGPS in s.inputs, WIN_PROBS in s.inputs)
+        assert declared == flags, name
+        assert not isinstance(s, GameOnlySolver)
         # a batch with exactly the flagged inputs is accepted (the loop computes only those)
         kw = {"ref": flags[0], "last": flags[1]}
         extra = {f"{k}_{side}": [-1.0] for k, on in kw.items() if on for side in ("chosen", "rejected")}
@@ -161,7 +170,7 @@ def test_needs_flags_match_what_each_loss_reads():
 def test_game_only_solvers_refuse_pairs():
     for name in ("nash_md", "extragradient"):
         s = solver(name)
-        assert not s.language_model
+        assert isinstance(s, GameOnlySolver)
         with pytest.raises(NotImplementedError, match="exact-game solver"):
             s.loss(pairs([0.0], [0.0], ref_chosen=[0.0], ref_rejected=[0.0]))
 
@@ -302,3 +311,22 @@ def test_extragradient_reaches_nash_and_updates_are_batched():
             single = s.population_update(last[k], ref[k], win_rate_of(m[k]))
             assert torch.allclose(batched[k], single, atol=1e-10), name
         assert s.population_update(last.float(), ref.float(), win_rate_of(m.float())).dtype == torch.float32
+
+
+def test_solvers_declare_inputs_not_flags():
+    with pytest.raises(TypeError, match="declare the inputs"):
+
+        class Flagged(SubgameSolver):
+            needs_reference = False
+
+    with pytest.raises(TypeError, match="unknown inputs"):
+
+        class Misspelt(SubgameSolver):
+            inputs = frozenset({"reference"})
+
+
+def test_one_check_refuses_game_only_solvers_for_language_models():
+    require_language_model_solver(solver("dpo"))
+    for name in ("nash_md", "extragradient"):
+        with pytest.raises(ConfigError, match="exact games only"):
+            require_language_model_solver(solver(name))

@@ -13,6 +13,7 @@ from comalkit_plugins.data.preferences import SAMPLE_HELDOUT, SAMPLE_TRAIN
 from comalkit_plugins.models.tiny import TinyModel
 from run_overrides import TRL_METRICS
 
+from comalkit.interfaces import WIN_PROBS, GameOnlySolver
 from comalkit.lm.lora import LoraSettings
 from comalkit.lm.policy import LMPolicy
 from comalkit.outputs import Run, read_metrics
@@ -29,8 +30,10 @@ from comalkit.training import (
 )
 
 registry.load_entry_points()
-LM_SOLVERS = [n for n in registry.names("solver") if registry.get("solver", n).language_model]
-GAME_SOLVERS = [n for n in registry.names("solver") if not registry.get("solver", n).language_model]
+LM_SOLVERS = [
+    n for n in registry.names("solver") if not issubclass(registry.get("solver", n), GameOnlySolver)
+]
+GAME_SOLVERS = [n for n in registry.names("solver") if issubclass(registry.get("solver", n), GameOnlySolver)]
 FAST = {
     "accelerator": "cpu",
     "precision": "32-true",
@@ -79,7 +82,7 @@ def perturb(policy: LMPolicy, seed: int = 1, scale: float = 0.05) -> None:
 def test_every_language_model_solver_trains_on_tiny(name: str, tmp_path: Path) -> None:
     policy, loss = tiny_policy(), solver(name)
     before = policy.snapshot()
-    records = precompute_logps(policy, pairs(winprobs=loss.needs_win_probs), loss)
+    records = precompute_logps(policy, pairs(winprobs=WIN_PROBS in loss.inputs), loss)
     run = Run(tmp_path)
     result = fit(policy, loss, records, FAST, tmp_path, run=run)
     assert result["steps"] == 3

@@ -17,9 +17,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from comalkit.distributed import GlobalBatchSampler, ScaledRecords
-from comalkit.interfaces import PairLogps, SubgameSolver
+from comalkit.interfaces import PairLogps, SubgameSolver, require_language_model_solver
 from comalkit.preference_data import PreferenceRecord
-from comalkit.registry import ConfigError
 from comalkit.training.config import TrainerConfig, trainer_config
 from comalkit.training.optim import build_optimizer, lr_lambda
 from comalkit.training.precompute import required_keys
@@ -42,11 +41,7 @@ class PreferenceModule(L.LightningModule):
         self, policy: Any, solver: SubgameSolver, cfg: TrainerConfig | Mapping[str, Any] | None = None
     ) -> None:
         super().__init__()
-        if not getattr(solver, "language_model", True):
-            raise ConfigError(
-                f"solver {type(solver).__name__} runs on exact games only (experiment=synthetic); choose a "
-                "language-model solver such as dpo, ipo, sppo, inpo or mpo"
-            )
+        require_language_model_solver(solver)
         self.policy = policy
         self.model = policy.model  # registered, so Lightning moves, casts and trains it
         self.solver = solver

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from comalkit.interfaces import Snapshot, SubgameSolver
+from comalkit.interfaces import INPUT_FIELDS, LAST_ITERATE_LOGPS, REFERENCE_LOGPS, Snapshot, SubgameSolver
 from comalkit.preference_data import PreferenceRecord
 
-#: the frozen inputs a solver may read, as (flag on the solver, prefix of the record keys)
-FROZEN = (("needs_last_iterate", "last"), ("needs_reference", "ref"))
+#: the frozen inputs a solver may read, as (its name in ``solver.inputs``, prefix of the record keys)
+FROZEN = ((LAST_ITERATE_LOGPS, "last"), (REFERENCE_LOGPS, "ref"))
 
 
 def precision_autocast(
@@ -36,15 +36,7 @@ def precision_autocast(
 
 def required_keys(solver: SubgameSolver) -> list[str]:
     """The record keys a solver's loss reads beyond prompt/chosen/rejected."""
-    keys = [
-        f"{prefix}_{side}"
-        for flag, prefix in FROZEN
-        if getattr(solver, flag)
-        for side in ("chosen", "rejected")
-    ]
-    if solver.needs_win_probs:
-        keys += ["chosen_winprob", "rejected_winprob"]
-    return keys
+    return [key for name, keys in INPUT_FIELDS.items() if name in solver.inputs for key in keys]
 
 
 def precompute_logps(
@@ -69,8 +61,8 @@ def precompute_logps(
     prompts = [r["prompt"] for r in out]
     responses = [r["chosen"] for r in out] + [r["rejected"] for r in out]
     computed: dict[int, Tensor] = {}
-    for flag, prefix in FROZEN:
-        if not getattr(solver, flag):
+    for name, prefix in FROZEN:
+        if name not in solver.inputs:
             continue
         snapshot = last if prefix == "last" else reference
         if id(snapshot) not in computed:

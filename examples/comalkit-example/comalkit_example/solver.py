@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from comalkit_plugins.solvers.dpo import DPO
 from torch import Tensor
 
-from comalkit.interfaces import LossOutput, PairLogps, SubgameSolver, WinRateFn
+from comalkit.interfaces import REFERENCE_LOGPS, LossOutput, PairLogps, SubgameSolver, WinRateFn
 from comalkit.registry import ConfigError, param, plugin
 
 
@@ -42,7 +42,7 @@ class ConservativeDPO(SubgameSolver):
         0.1, ge=0.0, lt=0.5, help="assumed label-flip rate ε (TRL's label_smoothing); 0 is plain DPO"
     )
 
-    needs_reference = True
+    inputs = frozenset({REFERENCE_LOGPS})  # the loop precomputes reference log-probs, and only those
 
     def loss(self, batch: PairLogps) -> LossOutput:
         if batch.ref_chosen is None or batch.ref_rejected is None:

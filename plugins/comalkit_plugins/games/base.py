@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from comalkit.games import TOL, GameBatch, GameSource, check_policy, load_matrix
+from comalkit.games import TOL, GameBatch, check_policy, load_matrix
+from comalkit.interfaces import GameSource
 from comalkit.registry import param
 
 

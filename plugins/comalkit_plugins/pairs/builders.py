@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from comalkit.pairing import TIE_TOL, PairBuilder, ranking
+from comalkit.pairing import TIE_TOL, PerPromptPairBuilder, ranking
 from comalkit.registry import param, plugin
 
 
@@ -26,7 +26,7 @@ def _below(best: int, candidates: Sequence[int], texts: Sequence[str], rates: Te
 
 
 @dataclass
-class _RankedBuilder(PairBuilder):
+class _RankedBuilder(PerPromptPairBuilder):
     """One pair per prompt, chosen = the top-ranked response; subclasses pick the rejected one."""
 
     win_probs: bool = param(False, help="attach P̂(y ≻ π_t) of chosen and rejected (for SPPO-style solvers)")
@@ -76,7 +76,7 @@ class BestVsSecond(_RankedBuilder):
 
 @plugin("pairs", "all_pairs")
 @dataclass
-class AllPairs(PairBuilder):
+class AllPairs(PerPromptPairBuilder):
     """Every unordered pair of distinct responses, oriented by the oracle: chosen = the one with M > ½.
 
     Each record carries both responses' P̂(y ≻ π_t), the soft targets of SPPO's squared loss

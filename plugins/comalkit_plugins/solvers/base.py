@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from comalkit.games import normalise_numpy
-from comalkit.interfaces import LossOutput, PairLogps, SubgameSolver, WinRateFn
+from comalkit.interfaces import INPUT_FIELDS, LossOutput, PairLogps, SubgameSolver, WinRateFn
 from comalkit.registry import ConfigError
 
 #: exp(-1e4) underflows to exactly 0 in every float dtype: a log-policy that is an exact one-hot.
@@ -47,22 +47,13 @@ def preference_matrix(win_rate: WinRateFn, like: Tensor) -> Tensor:
     return torch.stack(columns, dim=-1)
 
 
-class PairSolver(SubgameSolver):
-    """Base of the built-in solvers: checks a batch against the ``needs_*`` flags.
+class NamedStrength(SubgameSolver):
+    """A solver whose per-round KL strength is one of its fields (``strength_field``).
 
-    Subclasses implement :meth:`pair_losses` and name the field that :meth:`set_strength`
-    sets in ``strength_field`` (``None`` for methods without a KL term).
+    ``None`` for methods without a KL term: a scheduled strength is then an error.
     """
 
     strength_field: ClassVar[str | None] = None
-
-    def loss(self, batch: PairLogps) -> LossOutput:
-        self.check_batch(batch)
-        return self.pair_losses(batch)
-
-    @abstractmethod
-    def pair_losses(self, batch: PairLogps) -> LossOutput:
-        """Per-pair losses for a batch already checked by :meth:`check_batch`."""
 
     def set_strength(self, value: float) -> None:
         name = type(self).__name__
@@ -72,17 +63,28 @@ class PairSolver(SubgameSolver):
             raise ConfigError(f"solver {name}: KL strength {self.strength_field}={value!r} must be > 0.")
         setattr(self, self.strength_field, float(value))
 
+
+class PairSolver(NamedStrength):
+    """Base of the built-in language-model solvers: checks a batch against the declared ``inputs``.
+
+    Subclasses implement :meth:`pair_losses` and name their strength in ``strength_field``.
+    """
+
+    def loss(self, batch: PairLogps) -> LossOutput:
+        self.check_batch(batch)
+        return self.pair_losses(batch)
+
+    @abstractmethod
+    def pair_losses(self, batch: PairLogps) -> LossOutput:
+        """Per-pair losses for a batch already checked by :meth:`check_batch`."""
+
     def check_batch(self, batch: PairLogps) -> None:
         """Raise ``ValueError`` naming the missing or mis-shaped field of ``batch``."""
         name = type(self).__name__
         shape = batch.policy_chosen.shape
         required = {"policy_chosen", "policy_rejected"}
-        if self.needs_reference:
-            required |= {"ref_chosen", "ref_rejected"}
-        if self.needs_last_iterate:
-            required |= {"last_chosen", "last_rejected"}
-        if self.needs_win_probs:
-            required |= {"chosen_winprob", "rejected_winprob"}
+        for name in self.inputs:
+            required |= set(INPUT_FIELDS[name])
         for field in sorted(required):
             if getattr(batch, field) is None:
                 raise ValueError(f"solver {name} needs PairLogps.{field}, which is None.")

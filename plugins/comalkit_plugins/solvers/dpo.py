@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from comalkit.interfaces import LossOutput, PairLogps, WinRateFn
+from comalkit.interfaces import REFERENCE_LOGPS, LossOutput, PairLogps, WinRateFn
 from comalkit.registry import param, plugin
 
 from .base import PairSolver, log_ratio, normalise, preference_matrix
@@ -65,7 +65,7 @@ class DPO(PairSolver):
 
     beta: float = param(0.1, gt=0.0, help="KL strength β (TRL's beta); the loss is -log σ(β(Δ_θ − Δ_ref))")
 
-    needs_reference = True
+    inputs = frozenset({REFERENCE_LOGPS})
     strength_field = "beta"
 
     def pair_losses(self, batch: PairLogps) -> LossOutput:

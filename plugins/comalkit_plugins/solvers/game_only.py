@@ -1,7 +1,7 @@
 """Exact-game solvers: updates that need ``P(y ≻ π)`` for every response, not sampled pairs.
 
-Their ``loss`` raises: the language-model tasks reject them when the config is built
-(``language_model = False``); ``task=synthetic`` runs them through ``population_update``.
+They subclass :class:`comalkit.interfaces.GameOnlySolver`: the language-model tasks reject them
+when the config is built, and ``task=synthetic`` runs them through ``population_update``.
 """
 
 from __future__ import annotations
@@ -10,28 +10,15 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from comalkit.interfaces import LossOutput, PairLogps, WinRateFn
+from comalkit.interfaces import GameOnlySolver, WinRateFn
 from comalkit.registry import ConfigError, param, plugin
 
-from .base import PairSolver, normalise
-
-
-class GameOnlySolver(PairSolver):
-    language_model = False
-
-    def pair_losses(self, batch: PairLogps) -> LossOutput:
-        name = type(self).__name__
-        raise NotImplementedError(
-            f"solver {name} is an exact-game solver (language_model=False): its update needs "
-            "P(y ≻ π) for every response, which sampled preference pairs do not give. Run it on a "
-            "matrix game (experiment=synthetic), or train a language model with dpo, ipo, iter_ipo, "
-            "sppo, sppo_hard, inpo or mpo."
-        )
+from .base import NamedStrength, normalise
 
 
 @plugin("solver", "nash_md")
 @dataclass
-class NashMD(GameOnlySolver):
+class NashMD(NamedStrength, GameOnlySolver):
     """Nash-MD (Munos et al. 2023, "Nash Learning from Human Feedback").
 
     ``π^μ_t ∝ π_t^{1−ητ} μ^{ητ}`` (the geometric mixture with the reference), then
@@ -44,7 +31,6 @@ class NashMD(GameOnlySolver):
     eta: float = param(1.0, gt=0.0, help="step size η")
     tau: float = param(0.1, gt=0.0, help="KL strength τ toward the reference (ητ ≤ 1)")
 
-    needs_reference = True
     strength_field = "tau"
     numpy_update = True
 
@@ -69,7 +55,7 @@ class NashMD(GameOnlySolver):
 
 @plugin("solver", "extragradient")
 @dataclass
-class Extragradient(GameOnlySolver):
+class Extragradient(NamedStrength, GameOnlySolver):
     """Extragradient / mirror-prox with the entropy mirror map (Korpelevich 1976; Nemirovski 2004).
 
     ``π_{t+½} ∝ π_t exp(η P(· ≻ π_t))``, then ``π_{t+1} ∝ π_t exp(η P(· ≻ π_{t+½}))``: the
@@ -79,7 +65,6 @@ class Extragradient(GameOnlySolver):
 
     eta: float = param(0.5, gt=0.0, help="step size η")
 
-    needs_reference = False
     numpy_update = True
 
     def population_update(self, last_logp: Tensor, ref_logp: Tensor, win_rate: WinRateFn) -> Tensor:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from comalkit.interfaces import LAST_ITERATE_LOGPS, REFERENCE_LOGPS
 from comalkit.registry import param, plugin
 
 from .ipo import SquaredMarginSolver
@@ -38,8 +39,7 @@ class INPO(SquaredMarginSolver):
     beta: float = param(0.1, gt=0.0, help="KL coefficient c (COMAL code's eta); target margin 1/(2·beta)")
     ratio: float = param(1 / 3, ge=0.0, le=1.0, help="r = τ/η: weight of the reference log-ratio")
 
-    needs_reference = True
-    needs_last_iterate = True
+    inputs = frozenset({REFERENCE_LOGPS, LAST_ITERATE_LOGPS})
     strength_field = "beta"
 
     @property

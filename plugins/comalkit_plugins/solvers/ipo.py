@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from comalkit.interfaces import LossOutput, PairLogps, WinRateFn
+from comalkit.interfaces import LAST_ITERATE_LOGPS, REFERENCE_LOGPS, LossOutput, PairLogps, WinRateFn
 from comalkit.registry import param, plugin
 
 from .base import PairSolver, normalise
@@ -67,9 +67,9 @@ class SquaredMarginSolver(PairSolver):
         """Summed log-ratios of chosen and rejected against the mixed baseline."""
         r = self.ratio
         chosen, rejected = batch.policy_chosen, batch.policy_rejected
-        if self.needs_reference:
+        if REFERENCE_LOGPS in self.inputs:
             chosen, rejected = chosen - r * batch.ref_chosen, rejected - r * batch.ref_rejected
-        if self.needs_last_iterate:
+        if LAST_ITERATE_LOGPS in self.inputs:
             chosen, rejected = chosen - (1 - r) * batch.last_chosen, rejected - (1 - r) * batch.last_rejected
         return chosen, rejected
 
@@ -113,8 +113,7 @@ class IPO(SquaredMarginSolver):
 
     tau: float = param(0.1, gt=0.0, help="KL strength τ (TRL's beta); target margin 1/(2τ)")
 
-    needs_reference = True
-    needs_last_iterate = False
+    inputs = frozenset({REFERENCE_LOGPS})
     strength_field = "tau"
 
     @property
@@ -137,8 +136,7 @@ class IterIPO(SquaredMarginSolver):
 
     tau: float = param(0.1, gt=0.0, help="KL strength τ toward the last iterate; step size 1/τ")
 
-    needs_reference = False
-    needs_last_iterate = True
+    inputs = frozenset({LAST_ITERATE_LOGPS})
     strength_field = "tau"
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from comalkit.interfaces import LAST_ITERATE_LOGPS, REFERENCE_LOGPS
 from comalkit.registry import param, plugin
 
 from .ipo import SquaredMarginSolver
@@ -29,8 +30,7 @@ class MPO(SquaredMarginSolver):
     eta: float = param(1.0, gt=0.0, help="mirror-descent step size η")
     alpha: float = param(0.1, gt=0.0, help="magnet strength α (the KL strength toward the magnet)")
 
-    needs_reference = True
-    needs_last_iterate = True
+    inputs = frozenset({REFERENCE_LOGPS, LAST_ITERATE_LOGPS})
     strength_field = "alpha"
 
     @property

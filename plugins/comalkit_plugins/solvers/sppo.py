@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from comalkit.interfaces import LossOutput, PairLogps, WinRateFn
+from comalkit.interfaces import LAST_ITERATE_LOGPS, WIN_PROBS, LossOutput, PairLogps, WinRateFn
 from comalkit.registry import param, plugin
 
 from .base import PairSolver, log_ratio, normalise
@@ -63,9 +63,7 @@ class SPPO(PairSolver):
 
     beta: float = param(0.1, gt=0.0, help="KL strength β (TRL's beta); SPPO's step size η = 1/β")
 
-    needs_reference = False
-    needs_last_iterate = True
-    needs_win_probs = True
+    inputs = frozenset({LAST_ITERATE_LOGPS, WIN_PROBS})
     strength_field = "beta"
 
     def win_probs(self, batch: PairLogps) -> tuple[Tensor, Tensor]:
@@ -107,7 +105,7 @@ class SPPOHard(SPPO):
     ``p(u − η/2)² + (1 − p)(u + η/2)² = (u − η(p − ½))² + const``.
     """
 
-    needs_win_probs = False
+    inputs = frozenset({LAST_ITERATE_LOGPS})
 
     def win_probs(self, batch: PairLogps) -> tuple[Tensor, Tensor]:
         one = torch.ones_like(batch.policy_chosen)

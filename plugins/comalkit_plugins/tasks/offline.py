@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from comalkit.interfaces import RunContext, Task
+from comalkit.interfaces import RunContext, Task, require_language_model_solver
 from comalkit.registry import ConfigError, instantiate, param, plugin
 
 log = logging.getLogger("comalkit")
@@ -38,11 +38,7 @@ class OfflineTask(Task):
         from comalkit.training import fit, precompute_logps, trainer_config
 
         solver = instantiate(cfg.solver)
-        if not solver.language_model:
-            raise ConfigError(
-                f"solver {type(solver).__name__} runs on exact games only (experiment=synthetic); choose a "
-                "language-model solver such as dpo, ipo, sppo, sppo_hard, inpo, iter_ipo or mpo"
-            )
+        require_language_model_solver(solver)
         trainer = trainer_config(cfg.get("trainer"))
         data = instantiate(cfg.data)
         if not hasattr(data, "train_records"):

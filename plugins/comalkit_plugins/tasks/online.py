@@ -8,8 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from comalkit.interfaces import RunContext, Task
-from comalkit.registry import ConfigError, current_choice, instantiate, param, plugin
+from comalkit.interfaces import RunContext, Task, require_language_model_solver
+from comalkit.registry import current_choice, instantiate, param, plugin
 
 from ..solvers.inpo import warn_if_iterated_ipo
 
@@ -44,11 +44,7 @@ class OnlineTask(Task):
         from comalkit.training import trainer_config
 
         solver = instantiate(cfg.solver)
-        if not solver.language_model:
-            raise ConfigError(
-                f"solver={current_choice('solver')} runs on exact games only (experiment=synthetic); "
-                "choose a language-model solver such as dpo, ipo, sppo, inpo or mpo"
-            )
+        require_language_model_solver(solver)
         pair_builder = instantiate(cfg.pairs)
         check_compatible(solver, pair_builder)
         prompts = instantiate(cfg.data)  # validates the prompt file and split sizes eagerly

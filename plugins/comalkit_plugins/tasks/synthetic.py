@@ -15,13 +15,12 @@ from comalkit.games import (
     CHECK_EVERY,
     GAP_TOL,
     GameBatch,
-    GameSource,
     Trajectory,
     nash_policy,
     resolve_device,
     run_dynamics,
 )
-from comalkit.interfaces import ReferenceUpdater, RunContext, SubgameSolver, Task
+from comalkit.interfaces import GameSource, ReferenceUpdater, RunContext, SubgameSolver, Task
 from comalkit.registry import ConfigError, current_choice, instantiate, param, plugin
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ class SyntheticTask(Task):
                 raise ConfigError(f"task=synthetic needs {group}=<option> (for example experiment=synthetic)")
         game = instantiate(cfg.game)
         if not isinstance(game, GameSource):
-            raise ConfigError(f"game={type(game).__name__} is not a comalkit.games.GameSource")
+            raise ConfigError(f"game={type(game).__name__} is not a comalkit.interfaces.GameSource")
         solver = instantiate(cfg.solver)
         reference = instantiate(cfg.reference)
         expected, why = convergence_expectation(solver, reference)
