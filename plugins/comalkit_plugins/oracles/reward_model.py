@@ -87,6 +87,7 @@ class RewardModelOracle(JudgeModelSettings, PreferenceOracle):
     temperature: float = param(1.0, gt=0.0, help="σ(Δr / T)")
 
     def __post_init__(self) -> None:
+        self.check_engine()
         if self.scorer == "classifier" and not self.path:
             raise ConfigError("oracle.path is empty; scorer=classifier needs a reward model directory")
         self._classifier: ClassifierReward | None = None
@@ -96,11 +97,14 @@ class RewardModelOracle(JudgeModelSettings, PreferenceOracle):
             return settings_identity(
                 "reward_model",
                 self,
-                exclude=("batch_size", "judge", "system_prompt"),
+                exclude=("batch_size", "engine_memory", "judge", "system_prompt"),
                 path=judge_fingerprint(self.path),
             )
         return settings_identity(
-            "reward_model", self, exclude=("batch_size", "path"), judge=judge_fingerprint(self.judge)
+            "reward_model",
+            self,
+            exclude=("batch_size", "engine_memory", "path"),
+            judge=judge_fingerprint(self.judge),
         )
 
     def scores(self, prompt: str, responses: list[str]) -> Tensor:

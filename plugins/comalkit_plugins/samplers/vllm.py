@@ -23,26 +23,20 @@ tokenizer without special tokens. docs/sampling.md has the details and the measu
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import importlib.util
-import logging
-import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
-import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from comalkit.interfaces import Sampler, Snapshot
 from comalkit.registry import ConfigError, param, plugin
+from comalkit.vllm_engine import Engine
 
 #: LoRA ranks a vLLM engine accepts for ``max_lora_rank``.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -61,8 +55,6 @@ MANAGED_ARGS = (
 )
 #: Adapters kept saved (and registered) at once; the loop needs two (sampling, evaluation).
 KEEP_ADAPTERS = 4
-
-log = logging.getLogger("comalkit")
 
 
 @plugin("sampler", "vllm")
@@ -114,7 +106,7 @@ class VLLMSampler(Sampler):
         self._adapters: OrderedDict[str, Any] = OrderedDict()  # weight fingerprint -> LoRARequest
         self._next_id = 1
         self._full_weights: str | None = None  # fingerprint of the weights a full-model engine holds
-        self._reaper: Any = None  # stops the engine's processes if this process dies (_start_reaper)
+        self._engine: Engine | None = None
         #: seconds the last engine start took (benchmarks report it apart from sampling)
         self.startup_s = 0.0
 
@@ -306,31 +298,17 @@ class VLLMSampler(Sampler):
         env = {"VLLM_LOGGING_LEVEL": self.log_level}
         if self.reserved_cpus is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.reserved_cpus)
-        began = time.perf_counter()
-        with _environment(env):
-            from vllm import LLM
-
-            self._llm = LLM(**args)
-        self.startup_s = time.perf_counter() - began
+        self._engine = Engine(args, env, name="vllm sampler")
+        self._llm = self._engine.llm
+        self.startup_s = self._engine.startup_s
         self._engine_key = key
-        self._reaper = _start_reaper(_engine_processes(os.getpid()))
 
     def _shutdown_engine(self) -> None:
-        llm, self._llm, self._engine_key = self._llm, None, None
+        engine, self._engine, self._llm, self._engine_key = self._engine, None, None, None
         self._adapters.clear()
         self._full_weights = None
-        if llm is None:
-            return
-        with _signals_held():
-            log.info("vllm sampler: stopping the engine")
-            with contextlib.suppress(Exception):  # an engine that already died has nothing to stop
-                llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
-        reaper, self._reaper = self._reaper, None
-        if reaper is not None:  # the engine is down: the reaper finds nothing to stop and exits
-            reaper.stdin.close()
-            reaper.wait()
+        if engine is not None:
+            engine.stop()
 
     def _work(self) -> Path:
         if self._workdir is None:
@@ -386,104 +364,3 @@ def _progress_bar(name: str) -> Any:
         return tqdm(*args, **kwargs)
 
     return bar
-
-
-#: the reaper: wait for EOF on stdin (this process died, or closed it), then SIGKILL each engine
-#: process still alive under the same pid and name
-_REAPER = """
-import os, signal, sys
-sys.stdin.read()
-for pid in map(int, sys.argv[1:]):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            if fh.read().startswith(b"VLLM::"):
-                os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-"""
-
-
-def _engine_processes(root: int) -> list[int]:
-    """The running descendants of ``root`` that vLLM named ``VLLM::...`` (EngineCore, its workers)."""
-    children: dict[int, list[int]] = {}
-    names: dict[int, bytes] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                names[int(entry)] = fh.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            if names.get(child, b"").startswith(b"VLLM::"):
-                found.append(child)
-    return found
-
-
-def _start_reaper(pids: list[int]) -> Any:
-    """A small process that stops the engine's processes when this one dies, however it dies.
-
-    vLLM 0.32's EngineCore has no watch on its parent: after a SIGKILL of this process (or a
-    SIGTERM with no handler) it and its worker kept running, holding memory.
-    The reaper holds the read end of a pipe whose write end only this process holds; the
-    kernel closes it when this process ends. :meth:`VLLMSampler.close` closes it after a clean
-    stop, when there is nothing left to kill.
-    """
-    import subprocess
-
-    if not pids:
-        return None
-    return subprocess.Popen(
-        [sys.executable, "-c", _REAPER, *map(str, pids)],
-        stdin=subprocess.PIPE,
-        start_new_session=True,  # a Ctrl-C of the terminal's process group does not stop it early
-    )
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGTERM and SIGINT while the engine stops, then deliver them.
-
-    vLLM's EngineCore is a child process with no watch on its parent (vLLM 0.32). If this
-    process died halfway through the engine's shutdown (a second SIGTERM during the cleanup of a
-    first, a second Ctrl-C), the EngineCore and its worker would be left running. The stop is
-    bounded: vLLM kills the processes that do not exit in time. A signal that arrived is sent
-    again afterwards, to the handler that was in place.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signums = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.getsignal(s) for s in signums}
-    arrived: list[int] = []
-    for s in signums:
-        signal.signal(s, lambda signum, frame: arrived.append(signum))
-    try:
-        yield
-    finally:
-        for s in signums:
-            signal.signal(s, previous[s])
-        for signum in dict.fromkeys(arrived):
-            signal.raise_signal(signum)
-
-
-@contextlib.contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the engine's start (its processes inherit them), then restore."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
