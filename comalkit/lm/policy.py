@@ -246,6 +246,5 @@ class LMPolicy:
 
 def _accepts_logits_to_keep(model: Any) -> bool:
     """Whether the model can compute only some logit columns (skipping the prompts; see lm_sequence_logps)."""
-
     base = model.get_base_model() if is_peft(model) else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
