@@ -169,7 +169,7 @@ class LoopSettings:
     temperature: float
     top_p: float
     max_new_tokens: int
-    logp_batch_size: int
+    logps_batch_size: int
     eval_prompts: int
     seed: int = 0
 
@@ -392,7 +392,7 @@ class MetaLoop:
             self.solver,
             last=last,
             reference=reference,
-            batch_size=self.settings.logp_batch_size,
+            batch_size=self.settings.logps_batch_size,
             precision=self.trainer.precision,
         )
         keys = [key for key in out[0] if key.startswith(("last_", "ref_"))]
@@ -438,8 +438,8 @@ class MetaLoop:
             return {"responses": []}
         before = self._failed_judgments()
         responses = [r[0] for r in self._generate(prompts, 1, self._eval_seed(), "evaluate")]
-        logp_policy = self.policy.logps(prompts, responses, batch_size=s.logp_batch_size)
-        logp_ref = self.policy.logps(prompts, responses, snapshot=reference, batch_size=s.logp_batch_size)
+        logp_policy = self.policy.logps(prompts, responses, batch_size=s.logps_batch_size)
+        logp_ref = self.policy.logps(prompts, responses, snapshot=reference, batch_size=s.logps_batch_size)
         result = {
             "responses": responses,
             **win_rate_stats(self.oracle, prompts, responses, previous_eval).metrics("win_rate/previous"),

@@ -151,13 +151,19 @@ class Registry:
         return schema
 
     def store(self) -> None:
-        """Put every plugin's schema into Hydra's ConfigStore as ``group/name``."""
+        """Put every plugin's schema into Hydra's ConfigStore as ``group/name``, and the defaults of
+        each :data:`SCHEMA_GROUPS` schema as ``<group>_defaults``, which ``conf/<group>/default.yaml``
+        extends: the dataclass is the one source of those defaults."""
         from hydra.core.config_store import ConfigStore
 
         cs = ConfigStore.instance()
         for group, options in self._plugins.items():
             for name in options:
                 cs.store(group=group, name=name, node=self.schema(group, name))
+        for group, (module, name) in SCHEMA_GROUPS.items():
+            schema = getattr(importlib.import_module(module), name)
+            # a plain dict, not the dataclass: the node stays untyped, checked by validate() as before
+            cs.store(name=f"{group}_defaults", node=dataclasses.asdict(schema()))
 
     # -- entry points ---------------------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -248,7 +254,7 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 #: Config groups that are not plugins but have a schema: ``group -> (module, dataclass)``. The
-#: module is imported only when the group is present, so a game-only run never loads Lightning.
+#: dataclass's fields are the group's defaults (:meth:`Registry.store`) and its checks (:func:`validate`).
 SCHEMA_GROUPS = {"trainer": ("comalkit.training", "TrainerConfig")}
 #: Top-level keys besides the groups.
 TOP_LEVEL_KEYS = ("seed",)

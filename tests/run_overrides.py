@@ -1,7 +1,14 @@
-"""Overrides and names shared by the tests that run whole jobs: one place for each.
+"""Overrides, names and the command line shared by the tests that run whole jobs: one place for each.
 
 Imported as ``run_overrides`` (pytest puts ``tests/`` on ``sys.path`` through its conftest).
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 #: one online iteration small enough for the fast tier: 3 prompts × 3 responses of 8 tokens, 2 held out
 ONE_SMALL_ITERATION = [
@@ -25,3 +32,20 @@ TRL_METRICS = frozenset(
         "logps/rejected",
     }
 )
+
+
+def cli(
+    *args: str, cwd: Path = REPO, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m comalkit *args`` in a subprocess, offline, with its output captured (no
+    ``COMALKIT_DEBUG``: errors are the one line a user sees)."""
+    environment = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
+    environment.pop("COMALKIT_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "comalkit", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

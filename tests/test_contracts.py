@@ -15,6 +15,7 @@ import torch
 from comalkit_plugins.oracles.rule import RuleOracle
 from comalkit_plugins.references.updaters import ProxReference
 from comalkit_plugins.solvers.ipo import IPO
+from tiny import tiny_policy
 
 from comalkit.__main__ import load_plugins
 from comalkit.interfaces import PreferenceOracle, Snapshot
@@ -92,25 +93,25 @@ def test_rule_oracle_kinds_pass():
 
 
 @pytest.fixture(scope="module")
-def tiny_policy():
-    return registry.get("model", "tiny")(max_length=96, max_prompt_length=64).build()
+def small_policy():
+    return tiny_policy(max_length=96, max_prompt_length=64)
 
 
-def test_policy_sampling_contract(tiny_policy, one_thread):
+def test_policy_sampling_contract(small_policy, one_thread):
     """The policy's own sampler (the HF path) on the tiny model."""
-    out = check_sampler(tiny_policy, n=3, max_new_tokens=6)
+    out = check_sampler(small_policy, n=3, max_new_tokens=6)
     assert len(out) == 2 and all(len(row) == 3 for row in out)
 
 
 @pytest.mark.parametrize("name", registry.names("sampler"))
-def test_builtin_sampler_contract(name, tiny_policy, one_thread):
+def test_builtin_sampler_contract(name, small_policy, one_thread):
     """Sampler plugins drive the tiny policy. vLLM's engine loads a model directory, which the
     in-memory tiny model has not: it passes the same check on SmolLM2 in tests/test_samplers.py."""
     if name == "vllm":
         pytest.skip("vLLM needs a model directory; checked on SmolLM2 in tests/test_samplers.py")
     sampler = registry.get("sampler", name)()
     try:
-        check_sampler(sampler, policy=tiny_policy, n=2, max_new_tokens=6)
+        check_sampler(sampler, policy=small_policy, n=2, max_new_tokens=6)
     finally:
         getattr(sampler, "close", lambda: None)()
 

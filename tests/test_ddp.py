@@ -54,13 +54,8 @@ ONLINE = [
 DDP2 = ["trainer.strategy=ddp", "trainer.devices=2"]  # on top of trainer=fast: only the layout changes
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """One torch thread here and in each rank (a rank takes the main process's threads / ranks)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: one torch thread here and so in each rank (a rank takes the main process's threads / ranks)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -274,21 +269,23 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     through the metric all-reduce, so both stop at step 0 and the main process raises the rank's
     NonFiniteError. Skipping a batch is refused up front: Lightning cannot skip a distributed step."""
     from comalkit_plugins.data.preferences import SAMPLE_TRAIN
-    from comalkit_plugins.models.tiny import TinyModel
+    from tiny import TRAINING_SIZES, tiny_policy
 
-    from comalkit.lm.lora import LoraSettings
     from comalkit.preference_data import load_preferences
     from comalkit.registry import registry
     from comalkit.training import NonFiniteError, fit, precompute_logps
 
     registry.load_entry_points()
     dpo = registry.get("solver", "dpo")()
-    policy = TinyModel(max_length=160, max_prompt_length=96, lora=LoraSettings(enabled=True, r=4)).build()
+    policy = tiny_policy(**TRAINING_SIZES)
     records = precompute_logps(policy, load_preferences(SAMPLE_TRAIN)[:4], dpo)
     records[1]["ref_chosen"] = float("inf")  # DPO loss of pair 1: -log sigmoid(-inf) = inf
     cfg = {
         "accelerator": "cpu",
         "precision": "32-true",
+        "max_epochs": 1,
+        "lr": 5e-5,
+        "scheduler": {"warmup_ratio": 0.0},
         "batch_size": 2,
         "shuffle": False,
         "devices": 2,
@@ -319,7 +316,7 @@ dpo = registry.get("solver", "dpo")()
 policy = TinyModel(max_length=160, max_prompt_length=96, lora=LoraSettings(enabled=True, r=4)).build()
 records = precompute_logps(policy, load_preferences(SAMPLE_TRAIN)[:7], dpo)
 cfg = {"accelerator": "cpu", "precision": "32-true", "batch_size": 2, "max_epochs": 2, "lr": 0.5,
-       "devices": devices, "strategy": "ddp", "enable_progress_bar": False,
+       "devices": devices, "strategy": "ddp", "enable_progress_bar": False, "scheduler": {"warmup_ratio": 0.0},
        "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True}}
 fit(policy, dpo, records, cfg, out)
 if int(os.environ.get("RANK", "0")) == 0:

@@ -14,17 +14,16 @@ import logging
 import pytest
 import torch
 from comalkit_plugins.data.preferences import SAMPLE_TRAIN
-from comalkit_plugins.models.tiny import TinyModel
 from comalkit_plugins.references.updaters import FixedReference, ProxReference
 from comalkit_plugins.solvers.inpo import INPO, warn_if_iterated_ipo
 from comalkit_plugins.solvers.ipo import IterIPO
+from tiny import TRAINING_SIZES, tiny_policy
 
-from comalkit.lm.lora import LoraSettings
 from comalkit.preference_data import load_preferences
 from comalkit.testing import compose
 from comalkit.training import PreferenceModule, precompute_logps
 
-FP32 = {"accelerator": "cpu", "precision": "32-true", "lean_logps": False}
+FP32 = {"accelerator": "cpu", "precision": "32-true", "max_epochs": 1, "lr": 5e-5, "lean_logps": False}
 
 
 def loss_and_grads(policy, solver, records):
@@ -40,7 +39,7 @@ def loss_and_grads(policy, solver, records):
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    policy = TinyModel(max_length=160, max_prompt_length=96, lora=LoraSettings(enabled=True, r=4)).build()
+    policy = tiny_policy(**TRAINING_SIZES)
     gen = torch.Generator().manual_seed(1)  # leave the LoRA init so that B != 0 and the gradients are generic
     policy.load_snapshot(
         {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in policy.snapshot().items()}

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 from run_overrides import TRL_METRICS
 
 from comalkit.app import config_error
@@ -28,16 +26,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request: pytest.FixtureRequest) -> Any:
-    """Tiny models run fastest on one thread; two spin against each other on a shared 2-core CI box."""
-    threads = torch.get_num_threads()
-    if request.node.get_closest_marker("slow") is None:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+@pytest.mark.usefixtures("one_thread")  # the tiny model; the slow test keeps its threads
 def test_offline_dpo_on_tiny_writes_metrics_summary_and_checkpoint(tmp_path: Path) -> None:
     summary = run_job(TINY, tmp_path)
     assert summary["steps"] == 3
@@ -67,6 +56,7 @@ def test_offline_dpo_on_tiny_writes_metrics_summary_and_checkpoint(tmp_path: Pat
     assert lora_b and any(bool(p.abs().sum() > 0) for p in lora_b), "the saved adapter is the trained one"
 
 
+@pytest.mark.usefixtures("one_thread")  # the tiny model; the slow test keeps its threads
 def test_solver_and_data_overrides_win_over_the_experiment(tmp_path: Path) -> None:
     cfg = compose(["experiment=offline", "solver=ipo", f"data.path={tmp_path / 'p.jsonl'}"])
     assert cfg.task._target_.endswith("OfflineTask")
@@ -75,6 +65,7 @@ def test_solver_and_data_overrides_win_over_the_experiment(tmp_path: Path) -> No
     assert cfg.model._target_.endswith("SmolLM2")
 
 
+@pytest.mark.usefixtures("one_thread")  # the tiny model; the slow test keeps its threads
 def test_offline_sppo_trains_from_soft_labels_in_the_file(tmp_path: Path) -> None:
     path = tmp_path / "soft.jsonl"
     rows = [
@@ -97,6 +88,7 @@ def job_error(overrides: list[str], out_dir: Path) -> ConfigError:
     return error
 
 
+@pytest.mark.usefixtures("one_thread")  # the tiny model; the slow test keeps its threads
 def test_bad_data_and_game_only_solvers_fail_clearly(tmp_path: Path) -> None:
     missing = tmp_path / "missing.jsonl"
     assert "preference file not found" in str(job_error([*TINY, f"data.path={missing}"], tmp_path / "a"))

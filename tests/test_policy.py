@@ -10,6 +10,7 @@ import pytest
 import torch
 from comalkit_plugins.models.tiny import tiny_causal_lm
 from omegaconf import OmegaConf
+from tiny import tiny_policy
 
 from comalkit.__main__ import load_plugins
 from comalkit.lm.files import ModelError
@@ -24,11 +25,6 @@ PROMPTS = ["hi", "Tell me a story about a cat.", "Why is the sky blue?"]
 #: 1e-5 absolute, or to 1e-6 relative (a few ulps) for the large sums.
 TOL = {"atol": 1e-5, "rtol": 1e-6}
 RESPONSES = ["hello!", "Once upon a time.", "Rayleigh scattering of sunlight by the air makes it blue."]
-
-
-def tiny_policy(lora: bool = True, seed: int = 0, **settings) -> LMPolicy:
-    model, tok = tiny_causal_lm(seed=seed)
-    return LMPolicy(model, tok, lora=LoraSettings(enabled=lora), seed=seed, **settings)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from comalkit.__main__ import load_plugins
-from comalkit.registry import ConfigError, Registry, instantiate, param, registry, validate
+from comalkit.registry import PLUGIN_GROUPS, ConfigError, Registry, instantiate, param, registry, validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -224,7 +224,7 @@ def test_configuration_reference_is_generated_from_the_schemas():
     assert proc.returncode == 0, proc.stderr
     page = (REPO / "docs" / "configuration.md").read_text()
     load_plugins()
-    for group in registry._plugins:
+    for group in PLUGIN_GROUPS:
         for name in registry.names(group):
             if registry.get(group, name).__module__.startswith(("comalkit.", "comalkit_plugins.")):
                 assert f"### `{group}={name}`" in page, (group, name)

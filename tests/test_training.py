@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from comalkit_plugins.data.preferences import SAMPLE_HELDOUT, SAMPLE_TRAIN
-from comalkit_plugins.models.tiny import TinyModel
 from run_overrides import TRL_METRICS
+from tiny import TRAINING_SIZES, tiny_policy
 
 from comalkit.interfaces import WIN_PROBS, GameOnlySolver
-from comalkit.lm.lora import LoraSettings
 from comalkit.lm.policy import LMPolicy
 from comalkit.outputs import Run, read_metrics
 from comalkit.preference_data import load_preferences
@@ -29,6 +28,8 @@ from comalkit.training import (
     trainer_config,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 registry.load_entry_points()
 LM_SOLVERS = [
     n for n in registry.names("solver") if not issubclass(registry.get("solver", n), GameOnlySolver)
@@ -37,26 +38,14 @@ GAME_SOLVERS = [n for n in registry.names("solver") if issubclass(registry.get("
 FAST = {
     "accelerator": "cpu",
     "precision": "32-true",
+    "max_epochs": 1,
     "max_steps": 3,
     "batch_size": 2,
     "eval_batch_size": 4,
     "lr": 1e-2,
     "enable_progress_bar": False,
-    "scheduler": {"name": "constant"},
+    "scheduler": {"name": "constant", "warmup_ratio": 0.0},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny models run fastest on one thread; two spin against each other on a shared 2-core CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_policy(lora: bool = True) -> LMPolicy:
-    return TinyModel(max_length=160, max_prompt_length=96, lora=LoraSettings(enabled=lora, r=4)).build()
 
 
 def solver(name: str, **kwargs: Any) -> Any:
@@ -80,7 +69,7 @@ def perturb(policy: LMPolicy, seed: int = 1, scale: float = 0.05) -> None:
 
 @pytest.mark.parametrize("name", LM_SOLVERS)
 def test_every_language_model_solver_trains_on_tiny(name: str, tmp_path: Path) -> None:
-    policy, loss = tiny_policy(), solver(name)
+    policy, loss = tiny_policy(**TRAINING_SIZES), solver(name)
     before = policy.snapshot()
     records = precompute_logps(policy, pairs(winprobs=WIN_PROBS in loss.inputs), loss)
     run = Run(tmp_path)
@@ -96,11 +85,11 @@ def test_every_language_model_solver_trains_on_tiny(name: str, tmp_path: Path) -
 
 def test_training_step_matches_the_loss_by_hand() -> None:
     """One concatenated chosen+rejected forward gives the same DPO loss as separate per-pair log-probs."""
-    policy, dpo = tiny_policy(), solver("dpo", beta=0.5)
+    policy, dpo = tiny_policy(**TRAINING_SIZES), solver("dpo", beta=0.5)
     records = precompute_logps(policy, pairs(4), dpo)  # the reference = the initial weights
     perturb(policy)
     module = PreferenceModule(policy, dpo, FAST)
-    loss, metrics = module._step(module.collate(records))
+    loss, metrics = module.loss_and_metrics(module.collate(records))
     prompts = [r["prompt"] for r in records]
     chosen = policy.logps(prompts, [r["chosen"] for r in records])
     rejected = policy.logps(prompts, [r["rejected"] for r in records])
@@ -118,7 +107,7 @@ def test_training_step_matches_the_loss_by_hand() -> None:
 @pytest.mark.parametrize("lora", [True, False])
 def test_lean_logps_equal_the_policys_with_the_same_gradients(lora: bool) -> None:
     """The chunked, recomputed LM head gives LMPolicy.sequence_logps' values and gradients (fp32)."""
-    policy = tiny_policy(lora)
+    policy = tiny_policy(lora, **TRAINING_SIZES)
     perturb(policy)
     records = pairs(3)
     batch = policy.encode(
@@ -139,7 +128,7 @@ def test_lean_logps_equal_the_policys_with_the_same_gradients(lora: bool) -> Non
 
 
 def test_precompute_adds_only_what_the_solver_reads() -> None:
-    policy = tiny_policy()
+    policy = tiny_policy(**TRAINING_SIZES)
     reference = policy.snapshot()
     perturb(policy)  # current weights = the last iterate, `reference` = the initial ones
     records = pairs(3)
@@ -163,7 +152,7 @@ def test_precompute_adds_only_what_the_solver_reads() -> None:
 
 
 def test_one_snapshot_used_twice_is_scored_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    policy, calls = tiny_policy(), []
+    policy, calls = tiny_policy(**TRAINING_SIZES), []
     original = policy.logps
     monkeypatch.setattr(policy, "logps", lambda *a, **k: calls.append(k.get("snapshot")) or original(*a, **k))
     snapshot = policy.snapshot()
@@ -174,7 +163,7 @@ def test_one_snapshot_used_twice_is_scored_once(monkeypatch: pytest.MonkeyPatch)
 
 def test_trainer_options_pass_through(tmp_path: Path) -> None:
     """bf16 autocast, accumulation, clipping, epochs, warm-up + cosine schedule and checkpoints reach Lightning."""
-    policy, dpo = tiny_policy(), solver("dpo")
+    policy, dpo = tiny_policy(**TRAINING_SIZES), solver("dpo")
     cfg = dict(
         FAST,
         max_steps=-1,
@@ -212,7 +201,7 @@ def test_trainer_options_pass_through(tmp_path: Path) -> None:
 
 
 def test_full_fine_tune_trains_every_weight(tmp_path: Path) -> None:
-    policy, ipo = tiny_policy(lora=False), solver("ipo")
+    policy, ipo = tiny_policy(lora=False, **TRAINING_SIZES), solver("ipo")
     before = policy.snapshot()
     fit(policy, ipo, precompute_logps(policy, pairs(4), ipo), dict(FAST, max_steps=1, lr=1e-3), tmp_path)
     changed = [k for k, v in policy.snapshot().items() if not torch.equal(v, before[k])]
@@ -224,11 +213,11 @@ def test_lr_schedules_by_hand() -> None:
     assert [linear(s) for s in (0, 1, 2, 6, 10)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.5, 0.0])
     cosine = lr_lambda(SchedulerConfig(name="cosine", warmup_ratio=0.2), 10)
     assert [cosine(s) for s in (2, 6, 10)] == pytest.approx([1.0, 0.5, 0.0])
-    assert lr_lambda(SchedulerConfig(name="constant"), 10)(9) == 1.0
+    assert lr_lambda(SchedulerConfig(name="constant", warmup_ratio=0.0), 10)(9) == 1.0
 
 
 def test_bad_inputs_get_clear_errors(tmp_path: Path) -> None:
-    policy = tiny_policy()
+    policy = tiny_policy(**TRAINING_SIZES)
     with pytest.raises(ValueError, match="needs 'ref_chosen' .*precompute_logps"):
         fit(policy, solver("dpo"), pairs(2), FAST, tmp_path)
     with pytest.raises(ValueError, match="needs 'chosen_winprob' .* sppo_hard"):

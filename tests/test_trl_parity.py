@@ -298,11 +298,12 @@ def test_training_matches_trls_dpo_trainer_step_by_step(tmp_path):
 
     cfg = {
         "accelerator": "cpu",
+        "precision": "32-true",
         "max_steps": steps,
         "max_epochs": steps,
         "batch_size": 4,
         "lr": lr,
-        "scheduler": {"name": "constant"},
+        "scheduler": {"name": "constant", "warmup_ratio": 0.0},
         "gradient_clip_val": 1.0,
         "enable_progress_bar": False,
     }

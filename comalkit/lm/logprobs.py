@@ -96,7 +96,7 @@ def lm_sequence_logps(
     attention_mask: Tensor,
     response_mask: Tensor,
     *,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    autocast_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     keeps_logits: bool = False,
     lean: bool = False,
     chunk: int = 256,
@@ -106,8 +106,8 @@ def lm_sequence_logps(
     The model runs on ``input_ids``' device, up to the last column any response needs.
     ``keeps_logits`` (the model takes ``logits_to_keep``) skips the vocabulary projection over
     the prompts; ``lean`` projects hidden states through :func:`sequence_logps`' chunked head
-    instead, falling back to the logits where :func:`has_plain_head` says no. ``autocast`` is
-    entered around the forward (and the lean head).
+    instead, falling back to the logits where :func:`has_plain_head` says no. ``autocast_context``
+    is entered around the forward (and the lean head).
     """
     device = input_ids.device
     attention_mask = attention_mask.to(device)
@@ -117,7 +117,7 @@ def lm_sequence_logps(
     first, last = int(columns[0]), int(columns[-1])  # later columns are padding for every row
     if lean and has_plain_head(model):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        with autocast():
+        with autocast_context():
             hidden = base.get_decoder()(
                 input_ids=input_ids[:, : last + 1],
                 attention_mask=attention_mask[:, : last + 1],
@@ -138,7 +138,7 @@ def lm_sequence_logps(
     }
     if keeps_logits:
         kwargs["logits_to_keep"] = torch.arange(first, last + 1, device=device)
-    with autocast():
+    with autocast_context():
         logits = model(**kwargs).logits
     if not keeps_logits:
         logits = logits[:, first : last + 1]

@@ -140,8 +140,8 @@ class LMPolicy:
         """The parameters an optimizer should update (the adapter with LoRA, else all)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """``torch.autocast`` with the configured dtype on the model's device, or a no-op."""
+    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.autocast`` with the configured dtype (``model.autocast``) on the model's device, or a no-op."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
@@ -204,7 +204,7 @@ class LMPolicy:
             input_ids.to(self.device),
             attention_mask,
             response_mask,
-            autocast=self.autocast,
+            autocast_context=self.autocast_context,
             keeps_logits=self._keeps_logits,
             lean=lean,
             chunk=chunk,

@@ -73,7 +73,7 @@ def sample(
             )
             width = input_ids.shape[1]
             config.max_new_tokens = min(max_new_tokens, policy.max_length - width)
-            with policy.autocast():
+            with policy.autocast_context():
                 out = policy.model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, generation_config=config
                 )

@@ -1,7 +1,9 @@
-"""The schema of the ``trainer`` config group and its validation.
+"""The schema of the ``trainer`` config group, its defaults and its validation.
 
-``conf/trainer/*.yaml`` set the keys of :class:`TrainerConfig` (unknown keys are errors). The
-field limits are checked by :func:`comalkit.registry.validate` when the config is composed;
+:class:`TrainerConfig`'s fields are the one source of every trainer default: the registry stores
+them in Hydra's ConfigStore (:meth:`comalkit.registry.Registry.store`), ``trainer=default`` is
+them, and the other ``conf/trainer/*.yaml`` state only how they differ (unknown keys are errors).
+The field limits are checked by :func:`comalkit.registry.validate` when the config is composed;
 :func:`trainer_config` adds the checks that involve two fields (docs/training.md).
 """
 
@@ -37,7 +39,7 @@ class SchedulerConfig:
         "linear", choices=SCHEDULES, help="constant | linear | cosine (decay to 0 after warm-up)"
     )
     warmup_steps: int = param(0, ge=0, help="warm-up optimizer steps; > 0 wins over warmup_ratio")
-    warmup_ratio: float = param(0.0, ge=0.0, lt=1.0, help="warm-up as a share of all optimizer steps")
+    warmup_ratio: float = param(0.1, ge=0.0, lt=1.0, help="warm-up as a share of all optimizer steps")
 
 
 @dataclass
@@ -52,9 +54,11 @@ class CheckpointConfig:
 
 @dataclass
 class TrainerConfig:
-    """Everything :func:`fit` reads; ``conf/trainer/*.yaml`` set these keys (unknown keys are errors).
+    """Everything :func:`fit` reads, with the defaults of ``trainer=default`` (CPU-friendly: one
+    device, bf16 autocast, LoRA's learning rate); ``conf/trainer/*.yaml`` override some of them.
 
-    The field limits are checked by :func:`comalkit.registry.validate` when the config is
+    A caller that passes a partial mapping to :func:`trainer_config` gets these defaults for the
+    rest. The field limits are checked by :func:`comalkit.registry.validate` when the config is
     composed; :func:`trainer_config` adds the checks that involve two fields.
     """
 
@@ -62,8 +66,19 @@ class TrainerConfig:
     devices: Any = param(1, help="devices per node: a count >= 1, -1 (all), 'auto', or a list of ids")
     strategy: str = param("auto", help="Lightning strategy (auto, ddp, ...)")
     num_nodes: int = param(1, ge=1, help="machines")
-    precision: str = param("32-true", choices=PRECISIONS, help="Lightning precision")
-    max_epochs: int = param(1, help="passes over the pairs: >= 1, or -1 with max_steps > 0")
+    start_method: str = param(
+        "auto",
+        choices=START_METHODS,
+        help="how comalkit starts the ranks on one node: auto (fork for CPU ranks, else spawn) | spawn | fork",
+    )
+    precision: str = param(
+        "bf16-mixed",
+        choices=PRECISIONS,
+        help="Lightning precision: 32-true | bf16-mixed (autocast, CPU and GPU) | bf16-true | 16-mixed",
+    )
+    max_epochs: int = param(
+        2, help="passes over each iteration's pairs: >= 1, or -1 with max_steps > 0 (offline: 1)"
+    )
     max_steps: int = param(-1, help="-1: no limit beyond max_epochs; else > 0")
     batch_size: int = param(
         4, ge=1, help="preference pairs per micro-batch over all devices (2x sequences; docs/scaling.md)"
@@ -71,7 +86,11 @@ class TrainerConfig:
     eval_batch_size: int = param(8, ge=1, help="pairs per held-out batch over all devices")
     accumulate_grad_batches: int = param(1, ge=1, help="micro-batches per optimizer step")
     gradient_clip_val: float | None = param(1.0, gt=0.0, help="gradient-norm clip; null: none")
-    lr: float = param(5.0e-5, gt=0.0, help="peak learning rate")
+    lr: float = param(
+        2.0e-4,
+        gt=0.0,
+        help="peak learning rate; LoRA: 2e-4 (docs/online.md: 5e-5 barely moved the policy), full fine-tune: ~5e-7",
+    )
     optimizer: dict[str, Any] = param(
         default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.0},
         help="built as optimizer(trainable_params, lr=lr)",
@@ -89,13 +108,8 @@ class TrainerConfig:
     on_nonfinite: str = param(
         "error", choices=NONFINITE_MODES, help="a nan/inf loss or gradient: error (stop) or skip the batch"
     )
-    start_method: str = param(
-        "auto",
-        choices=START_METHODS,
-        help="how comalkit starts the ranks on one node: auto (fork for CPU ranks, else spawn) | spawn | fork",
-    )
     shuffle: bool = param(True, help="shuffle the training pairs every epoch")
-    seed: int = param(0, help="data order")
+    seed: int = param(0, help="data order (trainer=default sets it to the run's seed)")
 
 
 def trainer_config(cfg: Mapping[str, Any] | DictConfig | TrainerConfig | None) -> TrainerConfig:

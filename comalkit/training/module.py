@@ -111,7 +111,8 @@ class PreferenceModule(L.LightningModule):
             **{key: batch[key] for key in required_keys(self.solver)},
         )
 
-    def _step(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss_and_metrics(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The solver's loss on one collated batch and its TRL-named metrics (docs/training.md)."""
         pairs = self.pair_logps(batch)
         out = self.solver.loss(pairs)
         if "pair_scale" in batch:
@@ -163,7 +164,7 @@ class PreferenceModule(L.LightningModule):
         return self._global[0] if "pair_scale" in batch else batch["input_ids"].shape[0] // 2
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        loss, metrics = self._step(batch)
+        loss, metrics = self.loss_and_metrics(batch)
         if not torch.isfinite(loss):
             if self.cfg.on_nonfinite == "skip":
                 self.skipped_batches += 1
@@ -177,7 +178,7 @@ class PreferenceModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        _, metrics = self._step(batch)
+        _, metrics = self.loss_and_metrics(batch)
         metrics = {f"eval_{k}": v for k, v in metrics.items()}
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=self._pairs_in(batch), sync_dist=True)
 

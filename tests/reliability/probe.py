@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from run_overrides import TINY_ONLINE as TINY_ONLINE  # re-exported: the reliability tests import it from here
+
+# re-exported: the reliability tests import them from here
+from run_overrides import REPO as REPO
+from run_overrides import TINY_ONLINE as TINY_ONLINE
+from run_overrides import cli as cli
 
 from comalkit.app import report
 from comalkit.testing import compose, run_job
 
-REPO = Path(__file__).resolve().parents[2]
 TINY_OFFLINE = [
     "experiment=offline",
     "model=tiny",
@@ -70,19 +70,6 @@ def assert_one_line(stderr: str, *needles: str) -> None:
 def assert_no_results(out_dir: Path) -> None:
     for name in RESULTS:
         assert not (out_dir / name).exists(), f"{name} was written by a failed run"
-
-
-def cli(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict[str, str] | None = None):
-    environment = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
-    environment.pop("COMALKIT_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "comalkit", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def last_line(stderr: str) -> str:

@@ -37,11 +37,12 @@ class OnlineTask(Task):
     max_new_tokens: int = param(32, ge=1, help="response length limit")
     eval_prompts: int = param(8, ge=0, help="held-out prompts for per-iteration win rates (0: skip)")
 
-    def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
-        from comalkit.loop import LoopSettings, MetaLoop
-        from comalkit.oracle_cache import CachedOracle
+    def check(self, cfg: DictConfig) -> None:
+        self._checked_components(cfg)
+
+    def _checked_components(self, cfg: DictConfig) -> tuple[Any, Any, Any, Any]:
+        """The solver, pair builder, prompts and reference updater, checked against each other."""
         from comalkit.pairing import check_compatible
-        from comalkit.training import trainer_config
 
         solver = instantiate(cfg.solver)
         require_language_model_solver(solver)
@@ -49,6 +50,14 @@ class OnlineTask(Task):
         check_compatible(solver, pair_builder)
         prompts = instantiate(cfg.data)  # validates the prompt file and split sizes eagerly
         reference_updater = instantiate(cfg.reference)
+        return solver, pair_builder, prompts, reference_updater
+
+    def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
+        from comalkit.loop import LoopSettings, MetaLoop
+        from comalkit.oracle_cache import CachedOracle
+        from comalkit.training import trainer_config
+
+        solver, pair_builder, prompts, reference_updater = self._checked_components(cfg)
         warn_if_iterated_ipo(solver, reference_updater)
         trainer = trainer_config(cfg.trainer)
         oracle = CachedOracle(instantiate(cfg.oracle), run.out_dir / "oracle_cache.sqlite")
@@ -60,7 +69,7 @@ class OnlineTask(Task):
             temperature=self.temperature,
             top_p=self.top_p,
             max_new_tokens=self.max_new_tokens,
-            logp_batch_size=trainer.logps_batch_size,  # one name for online and offline runs
+            logps_batch_size=trainer.logps_batch_size,  # one name for online and offline runs
             eval_prompts=self.eval_prompts,
             seed=int(cfg.seed),
         )
