@@ -100,7 +100,8 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 # Checks before any work
 # ---------------------------------------------------------------------------------------------
 def check_config(cfg: DictConfig) -> None:
-    """Every check that needs only the config (no file, no model): raise ConfigError or warn."""
+    """Every check that needs no model and writes nothing (input files may be read): raise
+    ConfigError or warn. It runs before the run directory exists."""
     validate(cfg)
     trainer = cfg.get("trainer")
     if isinstance(trainer, DictConfig):
@@ -112,6 +113,9 @@ def check_config(cfg: DictConfig) -> None:
         _check_model(model)
     _check_ignored(cfg)
     _check_key_settings(OmegaConf.to_container(cfg, resolve=False))
+    task = cfg.get("task")
+    if isinstance(task, DictConfig):  # the task's own checks, on the other groups' plugins
+        instantiate(task).check(cfg)
 
 
 def _check_model(model: DictConfig) -> None:

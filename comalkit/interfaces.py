@@ -369,6 +369,12 @@ class Task(ABC):
     def run(self, cfg: Any, run: RunContext) -> dict[str, Any]:
         """Do the work; return the final metrics that go into ``summary.json``."""
 
+    def check(self, cfg: Any) -> None:
+        """Refuse a config this task cannot run, with :class:`~comalkit.registry.ConfigError`,
+        before the run directory exists (:func:`comalkit.app.check_config` calls it): checks that
+        need the other groups' plugins built (cheap ones only: no model, no file written)."""
+        return None  # the default: the schema checks are enough
+
 
 class RunContext(ABC):
     """What a task may touch of its run: the output directory and the metric sinks."""

@@ -69,6 +69,12 @@ REFUSED = [
     (["model.device=cuda"], "model.device=cuda but no CUDA device"),
     # missing values
     (["data=prompts"], "data.path has no value"),
+    # the task's checks on the plugins it would build (Task.check), before the run directory
+    (["solver=extragradient"], "exact games only"),
+    (["solver=sppo", "pairs=best_vs_worst"], "needs per-response win probabilities"),
+    (["reference.strengths=[-1]"], "reference.strengths"),
+    (["data.split_size=100000"], "split_size=100000"),
+    (["experiment=offline", "solver=extragradient"], "exact games only"),
 ]
 
 
@@ -107,6 +113,13 @@ def test_wrong_type_on_the_command_line_exits_2_without_a_traceback(tmp_path):
     out = cli("experiment=synthetic", "task.iterations=abc", f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 2, out.stderr
     assert "task.iterations" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_task_check_on_the_command_line_exits_2_before_the_run_directory(tmp_path):
+    out = cli("model=tiny", "solver=extragradient", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2, out.stderr
+    assert "exact games only" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
 
 

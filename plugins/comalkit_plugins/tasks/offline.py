@@ -34,17 +34,25 @@ class OfflineTask(Task):
     save_checkpoint: bool = param(True, help="write the trained policy (adapter or full model + tokenizer)")
     checkpoint_dir: str = param("checkpoint", help="directory inside the run directory")
 
-    def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
-        from comalkit.training import fit, precompute_logps, trainer_config
+    def check(self, cfg: DictConfig) -> None:
+        self._checked_components(cfg)
 
+    def _checked_components(self, cfg: DictConfig) -> tuple[Any, Any]:
+        """The solver (one that trains a language model) and the preference data."""
         solver = instantiate(cfg.solver)
         require_language_model_solver(solver)
-        trainer = trainer_config(cfg.get("trainer"))
         data = instantiate(cfg.data)
         if not hasattr(data, "train_records"):
             raise ConfigError(
                 f"task=offline trains on preference pairs: choose data=preferences (got {type(data).__name__})"
             )
+        return solver, data
+
+    def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
+        from comalkit.training import fit, precompute_logps, trainer_config
+
+        solver, data = self._checked_components(cfg)
+        trainer = trainer_config(cfg.get("trainer"))
         policy = instantiate(cfg.model).build()
 
         def frozen(records: list[Any]) -> list[Any]:
