@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 LOG_POLICY_MAX_N = 16
 
 
-#: The default iteration cap of a method expected to converge: enough for the seeded random games
-#: up to 20×20 with interior Nash policies measured in docs/games.md ("Convergence").
-CONVERGENT_CAP = 5_000_000
+#: The default iteration cap of a method expected to converge: about 3x the most any of the 24
+#: seeded 20×20 games with interior Nash policies needed (7.1M), measured in docs/games.md
+#: ("Convergence"); a single game runs ~100,000 iterations a second, so the cap is a few minutes.
+CONVERGENT_CAP = 20_000_000
 #: The default cap of a method not expected to converge: its cycling or plateau shows by then.
 OTHER_CAP = 10_000
 
