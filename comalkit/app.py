@@ -111,9 +111,11 @@ def check_config(cfg: DictConfig) -> None:
     model = cfg.get("model")
     if isinstance(model, DictConfig):
         _check_model(model)
+    task = cfg.get("task")
+    if isinstance(task, DictConfig):
+        _check_cuda("task.device", str(task.get("device") or "cpu"))
     _check_ignored(cfg)
     _check_key_settings(OmegaConf.to_container(cfg, resolve=False))
-    task = cfg.get("task")
     if isinstance(task, DictConfig):  # the task's own checks, on the other groups' plugins
         instantiate(task).check(cfg)
 
@@ -124,14 +126,7 @@ def _check_model(model: DictConfig) -> None:
         raise ConfigError(
             f"model.max_prompt_length={prompt} must be < model.max_length={length} (a response needs a token)"
         )
-    device = str(model.get("device") or "cpu")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"model.device={device} but no CUDA device is visible; use model.device=cpu or auto"
-            )
+    _check_cuda("model.device", str(model.get("device") or "cpu"))
     lora = model.get("lora")
     if isinstance(lora, DictConfig) and lora.get("enabled") is False:
         from comalkit.lm.lora import LoraSettings
@@ -144,6 +139,15 @@ def _check_model(model: DictConfig) -> None:
                 ", model.lora.".join(changed),
                 "they have" if len(changed) > 1 else "it has",
             )
+
+
+def _check_cuda(key: str, device: str) -> None:
+    """A ``cuda`` device setting is refused on a machine without CUDA."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={device} but no CUDA device is visible; use {key}=cpu or auto")
 
 
 def _check_key_settings(node: Any, path: str = "") -> None:

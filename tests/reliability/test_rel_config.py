@@ -67,6 +67,7 @@ REFUSED = [
     # resources this machine does not have (CPU-only CI)
     (["trainer.accelerator=gpu"], "trainer.accelerator=gpu but no CUDA device"),
     (["model.device=cuda"], "model.device=cuda but no CUDA device"),
+    (["experiment=synthetic", "task.device=cuda"], "task.device=cuda but no CUDA device"),
     # missing values
     (["data=prompts"], "data.path has no value"),
     # the task's checks on the plugins it would build (Task.check), before the run directory
@@ -75,6 +76,10 @@ REFUSED = [
     (["reference.strengths=[-1]"], "reference.strengths"),
     (["data.split_size=100000"], "split_size=100000"),
     (["experiment=offline", "solver=extragradient"], "exact games only"),
+    (["oracle.scorers=[]"], "oracle.scorers is empty"),
+    (["oracle=http_judge", "oracle.base_url=notaurl"], "oracle.base_url='notaurl'"),
+    (["oracle=rule", "oracle.kind=keyword"], "oracle.keywords is empty"),
+    (["experiment=evaluate"], "evaluation needs at least two contestants"),
 ]
 
 

@@ -111,6 +111,11 @@ class EvaluateTask(Task):
     max_new_tokens: int = param(96, ge=1, help="response length limit")
     seed: int | None = param(None, help="sampling seed shared by all checkpoints; default: the run's seed")
 
+    def check(self, cfg: DictConfig) -> None:
+        self._contestants()
+        self._prompts(cfg)
+        instantiate(cfg.oracle)
+
     def run(self, cfg: DictConfig, run: RunContext) -> dict[str, Any]:
         from comalkit.evaluate import round_robin, win_rate_stats, write_results
         from comalkit.oracle_cache import CachedOracle

@@ -39,6 +39,7 @@ class OnlineTask(Task):
 
     def check(self, cfg: DictConfig) -> None:
         self._checked_components(cfg)
+        instantiate(cfg.oracle)  # its settings only: a judge model loads on first use
 
     def _checked_components(self, cfg: DictConfig) -> tuple[Any, Any, Any, Any]:
         """The solver, pair builder, prompts and reference updater, checked against each other."""
