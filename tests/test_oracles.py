@@ -222,7 +222,20 @@ def test_mixture_component_errors_name_the_component(components: list, message: 
 # ---------------------------------------------------------------------------------------------
 # Every oracle through the config
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["llm_judge", "reward_model", "mixture", "http_judge", "rule"])
+#: the defaults of these judge the bundled SmolLM2, whose fingerprint (identity) needs its package
+NEEDS_BUNDLED = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("llm_judge", marks=NEEDS_BUNDLED),
+        pytest.param("reward_model", marks=NEEDS_BUNDLED),
+        pytest.param("mixture", marks=NEEDS_BUNDLED),
+        "http_judge",
+        "rule",
+    ],
+)
 def test_every_oracle_composes_and_instantiates(name: str) -> None:
     cfg = compose([f"oracle={name}"])
     validate(cfg)
@@ -231,6 +244,7 @@ def test_every_oracle_composes_and_instantiates(name: str) -> None:
     oracle.close()
 
 
+@NEEDS_BUNDLED
 def test_default_oracle_is_the_likelihood_judge_on_the_bundled_model() -> None:
     oracle = instantiate(compose([]).oracle)
     assert isinstance(oracle, LlmJudge) and oracle.mode == "likelihood" and oracle.judge is None
