@@ -92,7 +92,11 @@ def overlay_simplex(roots: Sequence[str | Path], out: str | Path | None = None) 
 def overlay(
     roots: Sequence[str | Path], out: str | Path | None = None, metric: str = "gap", log: bool = True
 ) -> Path:
-    """Draw ``metric`` against step for every job under ``roots`` into one PNG; return its path."""
+    """Draw ``metric`` against step for every job under ``roots`` into one PNG; return its path.
+
+    A metric logged with ``<metric>_low`` and ``<metric>_high`` (the online loop's win rates and
+    their 95 % bootstrap intervals) is drawn with its interval as a band.
+    """
     from comalkit.plots import Curve, plot_curves
 
     jobs = find_jobs(roots)
@@ -102,7 +106,13 @@ def overlay(
         if not rows:
             print(f"comalkit.overlay: {job.path}: no '{metric}' in metrics.jsonl, skipped", file=sys.stderr)
             continue
-        curves.append(Curve(label, np.array([r["step"] for r in rows]), np.array([r[metric] for r in rows])))
+        band = [
+            np.array([r.get(f"{metric}_{end}", np.nan) for r in rows], dtype=float) for end in ("low", "high")
+        ]
+        low, high = band if not np.isnan(band[0]).any() and not np.isnan(band[1]).any() else (None, None)
+        curves.append(
+            Curve(label, np.array([r["step"] for r in rows]), np.array([r[metric] for r in rows]), low, high)
+        )
     if not curves:
         raise ValueError(f"no job under {', '.join(map(str, roots))} logged '{metric}'")
     out = Path(out) if out is not None else Path(roots[0]) / f"overlay_{metric}.png"

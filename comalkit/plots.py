@@ -21,11 +21,13 @@ MAX_CURVES = 12
 
 @dataclass
 class Curve:
-    """One line of a figure: a label and the y values at steps x."""
+    """One line of a figure: a label and the y values at steps x, with an optional interval band."""
 
     label: str
     x: np.ndarray
     y: np.ndarray
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
 
 
 def _figure(width: float = 6.4, height: float = 4.2, layout: str | None = "constrained"):
@@ -65,7 +67,9 @@ def plot_curves(
         ax.plot(curves[0].x, np.median(ys, 0), label="median")
     else:
         for c in curves:
-            ax.plot(c.x, np.maximum(c.y, LOG_FLOOR) if log else c.y, label=c.label, linewidth=1.5)
+            (line,) = ax.plot(c.x, np.maximum(c.y, LOG_FLOOR) if log else c.y, label=c.label, linewidth=1.5)
+            if c.low is not None and c.high is not None:
+                ax.fill_between(c.x, c.low, c.high, color=line.get_color(), alpha=0.15, linewidth=0)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("iteration")

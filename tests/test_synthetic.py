@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comalkit import overlay
+from comalkit import overlay, plots
 from comalkit.games import GameError, nash_policy
 from comalkit.outputs import read_metrics
 from comalkit.registry import ConfigError
@@ -208,6 +208,32 @@ def test_overlay_draws_every_job_of_a_sweep(tmp_path, capsys):
     assert is_png(sweep / "overlay_simplex.png")
     assert overlay.main([str(tmp_path / "nothing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_overlay_draws_a_logged_interval_as_a_band(tmp_path, monkeypatch):
+    """A metric logged with ``_low``/``_high`` (the online loop's win rates) gets its interval drawn."""
+    job = tmp_path / "job"
+    job.mkdir()
+    rows = [
+        {
+            "step": k,
+            "win_rate/initial": 0.5 + k / 100,
+            "win_rate/initial_low": 0.4,
+            "win_rate/initial_high": 0.6,
+        }
+        for k in range(3)
+    ]
+    (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    draw = plots.plot_curves
+    monkeypatch.setattr(
+        plots, "plot_curves", lambda curves, *a, **k: draw(drawn.extend(curves) or curves, *a, **k)
+    )
+    overlay.overlay([job], tmp_path / "fig.png", "win_rate/initial", log=False)
+    assert is_png(tmp_path / "fig.png")
+    assert drawn[0].low.tolist() == [0.4] * 3 and drawn[0].high.tolist() == [0.6] * 3
+    overlay.overlay([job], tmp_path / "no_band.png", "step", log=False)  # no interval logged: no band
+    assert drawn[1].low is None and drawn[1].high is None
 
 
 def _options(group: str) -> list[str]:
