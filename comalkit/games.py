@@ -664,7 +664,9 @@ def run_dynamics(
     Metrics against π* (the LP solution unless ``nash`` is given) are recorded every
     ``record_every`` iterations (0: densely early and sparser each decade, see
     :data:`AUTO_RECORD_DENSE`) and at the last; ``keep_policies=False`` drops the recorded
-    policies (``[R, B, n]``) for big batches. Everything is float64. ``backend``: small CPU
+    policies (``[R, B, n]``) and the round policies (one ``[B, n]`` per move of μ, which a run
+    to a cap of millions of iterations would otherwise hold by the gigabyte) for big batches and
+    long runs. Everything is float64. ``backend``: small CPU
     batches run on numpy (``auto``) when the solver's update allows, else torch.
     """
     dev = resolve_device(device)
@@ -682,7 +684,7 @@ def run_dynamics(
     recorder = _Recorder(m, pi_star, keep_policies, chosen == "numpy")
     with _threads_for(m, chosen), torch.no_grad():  # the dynamics never need gradients
         logp, done, round_ends, round_policies = _loop(
-            ops, recorder, p0, solver, reference, iterations, record_every, tol, check_every
+            ops, recorder, p0, solver, reference, iterations, record_every, tol, check_every, keep_policies
         )
     steps, metrics, policies = recorder.result()
     _check_finite(metrics["gap"], steps.tolist())
@@ -717,6 +719,7 @@ def _loop(
     record_every: int,
     tol: float | None,
     check_every: int,
+    keep_rounds: bool,
 ) -> tuple[Any, int, list[int], list[Any]]:
     """The iterations themselves; ``(final log π, iterations run, round ends, round policies)``."""
     logp = ops.start(p0)
@@ -750,7 +753,8 @@ def _loop(
             ref_logp = ops.reference(ref, logp)
             update = ops.bind(solver, ref_logp)
             round_ends.append(k + 1)
-            round_policies.append(logp)
+            if keep_rounds:
+                round_policies.append(logp)
         done = k + 1
         if done == decade:
             stride, decade = stride * 10, decade * 10

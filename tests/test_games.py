@@ -212,6 +212,12 @@ def test_engine_moves_the_reference_and_applies_the_strength_schedule():
     assert traj.policies.shape == (5, 1, 3) and traj.round_policies.shape == (3, 1, 3)
     np.testing.assert_allclose(traj.policies[-1], traj.final_logp.exp(), atol=1e-15)
     np.testing.assert_allclose(traj.policies[0, 0], [0.2, 0.5, 0.3], atol=1e-15)
+    # a long run need not hold every outer iterate: keep_policies=False keeps only where μ moved
+    lean = run_dynamics(
+        np.array(PAPER3), [0.2, 0.5, 0.3], *build("inpo", "prox"), 35, keep_policies=False, device="cpu"
+    )
+    assert lean.round_ends == [10, 20, 30] and lean.round_policies.shape == (0, 1, 3)
+    assert lean.policies is None
 
 
 def test_engine_batch_equals_separate_runs():
