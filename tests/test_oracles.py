@@ -263,10 +263,9 @@ def test_out_of_range_settings_fail_validation(override: str) -> None:
         validate(compose(["oracle=llm_judge", override]))
 
 
-def test_unknown_judge_is_a_clear_error() -> None:
-    judge = LlmJudge(judge="/no/such/model")
-    with pytest.raises(FileNotFoundError, match="not a built-in judge .*smollm2, gemma3-270m"):
-        judge.compare([Comparison("q", "a", "b")])
+def test_unknown_judge_is_a_clear_error_at_construction() -> None:
+    with pytest.raises(ConfigError, match="not a built-in judge .*smollm2, gemma3-270m"):
+        LlmJudge(judge="/no/such/model")
 
 
 # ---------------------------------------------------------------------------------------------

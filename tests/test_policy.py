@@ -404,8 +404,8 @@ def test_hf_plugin_loads_a_local_directory_and_names_a_missing_one(tmp_path):
     torch.testing.assert_close(
         policy.logps(PROMPTS, RESPONSES), reference.logps(PROMPTS, RESPONSES), atol=1e-6, rtol=0
     )
-    with pytest.raises(ModelError, match="nowhere' does not exist"):
-        instantiate(model_config("hf", path=str(tmp_path / "nowhere"))).build()
+    with pytest.raises(ConfigError, match="nowhere' does not exist"):  # at composition, before any load
+        instantiate(model_config("hf", path=str(tmp_path / "nowhere")))
     with pytest.raises(Exception, match="model=hf needs model.path"):
         instantiate(model_config("hf"))
 

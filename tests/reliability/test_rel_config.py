@@ -80,6 +80,9 @@ REFUSED = [
     (["oracle=http_judge", "oracle.base_url=notaurl"], "oracle.base_url='notaurl'"),
     (["oracle=rule", "oracle.kind=keyword"], "oracle.keywords is empty"),
     (["experiment=evaluate"], "evaluation needs at least two contestants"),
+    # files named in the config that do not exist
+    (["oracle.judge=/nonexistent/judge.gguf"], "oracle judge '/nonexistent/judge.gguf'"),
+    (["oracle=reward_model", "oracle.judge=/nonexistent/dir"], "oracle judge '/nonexistent/dir'"),
 ]
 
 
@@ -87,6 +90,18 @@ REFUSED = [
 def test_bad_value_is_refused_before_any_file(overrides, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may appear here (outputs/ is relative to the working directory)
     code, stderr = config_failure(["model=tiny", *overrides])
+    assert code == 2
+    assert_one_line(stderr, "config error", needle)
+    assert list(tmp_path.iterdir()) == [], "a refused config wrote a file"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [(["model=hf"], "model=hf needs model.path"), (["model=hf", "model.path=/nope"], "model.path='/nope'")],
+)
+def test_a_model_without_its_files_is_refused_before_any_file(overrides, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stderr = config_failure(overrides)
     assert code == 2
     assert_one_line(stderr, "config error", needle)
     assert list(tmp_path.iterdir()) == [], "a refused config wrote a file"

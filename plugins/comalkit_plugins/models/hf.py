@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from comalkit.lm.loading import check_chat_template, load_causal_lm
@@ -26,6 +27,10 @@ class HFModel(PolicySettings):
         super().__post_init__()
         if not self.path:
             raise ConfigError("model=hf needs model.path=<local model directory or .gguf file>")
+        if not Path(self.path).expanduser().exists():
+            raise ConfigError(
+                f"model.path={self.path!r} does not exist (a local model directory or .gguf file)"
+            )
 
     def load(self) -> tuple[Any, Any]:
         model, tokenizer = load_causal_lm(self.path, gguf_file=self.gguf_file, dtype=self.dtype)

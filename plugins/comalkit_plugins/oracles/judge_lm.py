@@ -440,6 +440,14 @@ class JudgeModelSettings:
     max_prompt_tokens: int = param(384, ge=8, help="longer prompts keep their last tokens (with a warning)")
     max_response_tokens: int = param(256, ge=1, help="longer responses are truncated (with a warning)")
 
+    def check_judge(self, judge: str | None) -> None:
+        """A judge that is neither built in nor an existing file or directory fails at composition."""
+        if judge and judge not in BUILTIN_JUDGES and not Path(judge).expanduser().exists():
+            raise ConfigError(
+                f"oracle judge {judge!r}: not a built-in judge ({', '.join(BUILTIN_JUDGES)}) nor an existing "
+                "Hugging Face model directory or .gguf file"
+            )
+
     def check_engine(self) -> None:
         """engine=vllm needs vLLM: say so at composition, before any model is loaded."""
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:

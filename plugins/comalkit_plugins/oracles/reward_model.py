@@ -88,6 +88,8 @@ class RewardModelOracle(JudgeModelSettings, PreferenceOracle):
 
     def __post_init__(self) -> None:
         self.check_engine()
+        if self.scorer == "likelihood":
+            self.check_judge(self.judge)
         if self.scorer == "classifier" and not self.path:
             raise ConfigError("oracle.path is empty; scorer=classifier needs a reward model directory")
         self._classifier: ClassifierReward | None = None
