@@ -127,7 +127,11 @@ def _check_model(model: DictConfig) -> None:
             f"model.max_prompt_length={prompt} must be < model.max_length={length} (a response needs a token)"
         )
     _check_cuda("model.device", str(model.get("device") or "cpu"))
-    instantiate(model)  # the plugin's own checks (e.g. model=hf needs an existing model.path); loads nothing
+    # the plugin's own checks (e.g. model=hf needs an existing model.path), then those that need
+    # the architecture (LoRA targets); no weights are loaded
+    settings = instantiate(model)
+    if hasattr(settings, "check"):
+        settings.check()
     lora = model.get("lora")
     if isinstance(lora, DictConfig) and lora.get("enabled") is False:
         from comalkit.lm.lora import LoraSettings

@@ -130,6 +130,13 @@ def test_invalid_settings_are_rejected():
         LMPolicy(model, tok, lora=LoraSettings(target_modules=["no_such_proj"]))
 
 
+def test_all_linear_adapts_every_linear_layer_but_the_head():
+    model, tok = tiny_causal_lm()
+    policy = LMPolicy(model, tok, lora=LoraSettings(target_modules=["all-linear"]))
+    adapted = {name.split(".")[-2] for name, _ in policy.model.named_modules() if name.endswith("lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 # ---------------------------------------------------------------------------------------------
 # log-probs
 # ---------------------------------------------------------------------------------------------

@@ -79,6 +79,11 @@ def gguf_fingerprint(gguf: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
+def cached_gguf_dir(gguf: Path) -> Path:
+    """Where :func:`converted_gguf_dir` keeps ``gguf``'s conversion (which may not exist yet)."""
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
+
+
 def converted_gguf_dir(gguf: str | os.PathLike[str]) -> Path:
     """The cached safetensors directory for ``gguf``, converting it first if needed.
 
@@ -91,8 +96,8 @@ def converted_gguf_dir(gguf: str | os.PathLike[str]) -> Path:
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
         raise ModelError(f"GGUF file '{gguf}' does not exist")
-    root = cache_dir() / "models"
-    target = root / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
+    target = cached_gguf_dir(gguf)
+    root = target.parent
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from comalkit.lm.files import ModelError, check_model_dir
-from comalkit.lm.gguf import converted_gguf_dir
+from comalkit.lm.gguf import cached_gguf_dir, converted_gguf_dir
 from comalkit.lm.quiet import quiet_progress_bars
 from comalkit.lm.tokens import ensure_pad_token
 
@@ -81,6 +81,27 @@ def load_causal_lm(
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def load_config(path: str | os.PathLike[str], gguf_file: str | None = None) -> Any:
+    """The transformers config of the model :func:`load_causal_lm` would load, without its weights.
+
+    Checks at composition time use it (:meth:`PolicySettings.check`). A GGUF file's config comes
+    from its cached conversion when there is one, else from the file's metadata (seconds).
+    """
+    from transformers import AutoConfig
+
+    source = Path(path).expanduser()
+    if gguf_file is not None:
+        source = source / gguf_file
+    if source.is_file() and source.suffix.lower() == ".gguf":
+        converted = cached_gguf_dir(source.resolve())
+        if not (converted / "config.json").is_file():
+            with quiet_progress_bars():
+                return AutoConfig.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+        source = converted
+    check_model_dir(source)
+    return AutoConfig.from_pretrained(source, local_files_only=True)
 
 
 def _load_hf_dir(directory: Path, dtype: torch.dtype) -> tuple[Any, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from comalkit.lm.quiet import peft_deprecation_silenced
-from comalkit.registry import param
+from comalkit.registry import ConfigError, param
 
 
 @dataclass
@@ -35,6 +35,42 @@ class LoraSettings:
     )
 
 
+#: peft's special value for "every linear layer but the output head"
+ALL_LINEAR = "all-linear"
+
+
+def check_target_modules(lora: LoraSettings, config: Any) -> None:
+    """Refuse a ``lora.target_modules`` name that matches no module of the model ``config`` builds.
+
+    The model is built on the meta device (no weights, well under a second), so a typo, or the
+    default q/k/v/o names on a model that calls them otherwise, fails at composition time, before
+    any file is written. A name matches as peft matches it: the module's full name, or its last
+    dotted parts. peft itself would accept a list in which only some names match.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [
+        target
+        for target in lora.target_modules
+        if target != ALL_LINEAR and not any(n == target or n.endswith(f".{target}") for n in names)
+    ]
+    if missing:
+        from transformers.pytorch_utils import Conv1D
+
+        layers = (torch.nn.Linear, torch.nn.Embedding, Conv1D)  # what peft's LoRA can wrap
+        adaptable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, layers)})
+        verb = "names" if len(missing) == 1 else "name"
+        raise ConfigError(
+            f"model.lora.target_modules={list(lora.target_modules)}: {', '.join(map(repr, missing))} "
+            f"{verb} no module of this {config.model_type} model; its layers that LoRA can adapt are "
+            f"{adaptable} "
+            f"(or use {ALL_LINEAR!r})"
+        )
+
+
 def is_peft(model: Any) -> bool:
     """Whether ``model`` already carries a peft adapter."""
     try:
@@ -53,7 +89,8 @@ def wrap_lora(model: Any, lora: LoraSettings, seed: int) -> Any:
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        # peft reads its special value only as a plain string
+        target_modules=ALL_LINEAR if list(lora.target_modules) == [ALL_LINEAR] else list(lora.target_modules),
         task_type="CAUSAL_LM",
         bias="none",
     )

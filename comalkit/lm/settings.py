@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from comalkit.lm.lora import LoraSettings
+from comalkit.lm.lora import LoraSettings, check_target_modules
 from comalkit.lm.policy import AUTOCAST_DTYPES, LMPolicy
 from comalkit.lm.tokens import TRUNCATION_MODES
 from comalkit.registry import ConfigError, param
@@ -49,6 +49,19 @@ class PolicySettings:
             raise ConfigError(
                 f"model.max_prompt_length={self.max_prompt_length} must be < model.max_length={self.max_length}"
             )
+
+    def base_config(self) -> Any | None:
+        """The base model's transformers config, read without the weights; None where a plugin
+        cannot read it cheaply (then :meth:`check` has nothing to check it against)."""
+        return None
+
+    def check(self) -> None:
+        """The checks that need the model's architecture but not its weights, run at composition
+        time (:func:`comalkit.app.check_config`): the LoRA target modules exist."""
+        if self.lora.enabled:
+            config = self.base_config()
+            if config is not None:
+                check_target_modules(self.lora, config)
 
     def load(self) -> tuple[Any, Any]:
         """The bare base model (no adapter, eval mode, ``self.dtype``) and its tokenizer."""

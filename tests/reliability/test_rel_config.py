@@ -80,6 +80,7 @@ REFUSED = [
     (["oracle=http_judge", "oracle.base_url=notaurl"], "oracle.base_url='notaurl'"),
     (["oracle=rule", "oracle.kind=keyword"], "oracle.keywords is empty"),
     (["experiment=evaluate"], "evaluation needs at least two contestants"),
+    (["model.lora.target_modules=[q_proj,qproj]"], "'qproj' names no module of this llama model"),
     # files named in the config that do not exist
     (["oracle.judge=/nonexistent/judge.gguf"], "oracle judge '/nonexistent/judge.gguf'"),
     (["oracle=reward_model", "oracle.judge=/nonexistent/dir"], "oracle judge '/nonexistent/dir'"),
@@ -105,6 +106,36 @@ def test_a_model_without_its_files_is_refused_before_any_file(overrides, needle,
     assert code == 2
     assert_one_line(stderr, "config error", needle)
     assert list(tmp_path.iterdir()) == [], "a refused config wrote a file"
+
+
+def _gpt2_dir(path):
+    """A tiny local GPT-2 directory: its attention is ``c_attn``, not the default q/k/v/o."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        path
+    )
+    return path
+
+
+def test_lora_targets_are_checked_against_a_local_model_before_any_file(tmp_path, monkeypatch):
+    model = _gpt2_dir(tmp_path.parent / f"{tmp_path.name}-gpt2")
+    monkeypatch.chdir(tmp_path)
+    code, stderr = config_failure(["model=hf", f"model.path={model}"])
+    assert code == 2
+    assert_one_line(stderr, "config error", "'q_proj', 'k_proj', 'v_proj', 'o_proj' name no module", "c_attn")
+    assert list(tmp_path.iterdir()) == [], "a refused config wrote a file"
+    for targets in ("[c_attn]", "[all-linear]"):
+        check_config(compose(["model=hf", f"model.path={model}", f"model.lora.target_modules={targets}"]))
+    check_config(compose(["model=hf", f"model.path={model}", "model.lora.enabled=false"]))
+
+
+@pytest.mark.slow
+def test_lora_targets_of_the_bundled_model_are_checked_at_composition():
+    code, stderr = config_failure(["model=smollm2", "model.lora.target_modules=[q_proj,gate]"])
+    assert code == 2
+    assert_one_line(stderr, "'gate' names no module of this llama model", "gate_proj")
+    check_config(compose(["model=smollm2", "model.lora.target_modules=[q_proj,gate_proj]"]))
 
 
 #: wrong types and unknown plugin keys: Hydra refuses them while composing, naming the key

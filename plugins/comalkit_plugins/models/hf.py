@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from comalkit.lm.loading import check_chat_template, load_causal_lm
+from comalkit.lm.loading import check_chat_template, load_causal_lm, load_config
 from comalkit.lm.settings import PolicySettings
 from comalkit.registry import ConfigError, param, plugin
 
@@ -31,6 +31,9 @@ class HFModel(PolicySettings):
             raise ConfigError(
                 f"model.path={self.path!r} does not exist (a local model directory or .gguf file)"
             )
+
+    def base_config(self) -> Any:
+        return load_config(self.path, gguf_file=self.gguf_file)
 
     def load(self) -> tuple[Any, Any]:
         model, tokenizer = load_causal_lm(self.path, gguf_file=self.gguf_file, dtype=self.dtype)

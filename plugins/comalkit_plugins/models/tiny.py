@@ -39,17 +39,20 @@ class TinyModel(PolicySettings):
     intermediate_size: int = param(64, ge=1, help="MLP width")
     max_position_embeddings: int = param(512, ge=2, help="context length (>= max_length)")
 
+    def base_config(self) -> Any:
+        return tiny_config(tiny_tokenizer(), **self._shape())
+
     def load(self) -> tuple[Any, Any]:
-        model, tokenizer = tiny_causal_lm(
-            hidden_size=self.hidden_size,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            seed=self.seed,
-            dtype=self.dtype,
-        )
-        return model, tokenizer
+        return tiny_causal_lm(**self._shape(), seed=self.seed, dtype=self.dtype)
+
+    def _shape(self) -> dict[str, int]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+        }
 
 
 def tiny_tokenizer() -> Any:
@@ -80,25 +83,21 @@ def tiny_tokenizer() -> Any:
     return tokenizer
 
 
-def tiny_causal_lm(
+def tiny_config(
+    tokenizer: Any,
     vocab_size: int | None = None,
     hidden_size: int = 32,
     num_layers: int = 2,
     num_heads: int = 4,
     intermediate_size: int = 64,
     max_position_embeddings: int = 512,
-    seed: int = 0,
-    dtype: str | torch.dtype = "float32",
-) -> tuple[Any, Any]:
-    """A randomly initialised ``LlamaForCausalLM`` and :func:`tiny_tokenizer`, for fast tests.
+) -> Any:
+    """The ``LlamaConfig`` of :func:`tiny_causal_lm`; embeddings are tied, as in SmolLM2.
 
-    The same ``seed`` gives the same weights (the global RNG is left untouched). Embeddings
-    are tied, as in SmolLM2. ``vocab_size`` defaults to the tokenizer's size and must not be
-    smaller.
+    ``vocab_size`` defaults to the tokenizer's size and must not be smaller.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    tokenizer = tiny_tokenizer()
     vocab = len(tokenizer) if vocab_size is None else vocab_size
     if vocab < len(tokenizer):
         raise ValueError(
@@ -106,7 +105,7 @@ def tiny_causal_lm(
         )
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -118,6 +117,33 @@ def tiny_causal_lm(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def tiny_causal_lm(
+    vocab_size: int | None = None,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 64,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    dtype: str | torch.dtype = "float32",
+) -> tuple[Any, Any]:
+    """A randomly initialised ``LlamaForCausalLM`` (:func:`tiny_config`) and :func:`tiny_tokenizer`,
+    for fast tests. The same ``seed`` gives the same weights (the global RNG is left untouched).
+    """
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(
+        tokenizer,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
