@@ -366,6 +366,8 @@ def game_metrics(matrix: Tensor, logp: Tensor, nash: Tensor) -> dict[str, Tensor
 GAP_TOL = 1e-8
 #: Default number of iterations between two convergence checks (``task.check_every``).
 CHECK_EVERY = 100
+#: Default number of iterations between two progress reports (``on_progress``) of a long run.
+PROGRESS_EVERY = 1_000_000
 #: On CPU, batches of at most this many matrix entries (B·n²) run on numpy when the solver
 #: allows it (``numpy_update``): a torch op costs ~3 µs of dispatch against ~1 µs in numpy,
 #: and single-threaded numpy stayed ahead of torch up to about 2.5M entries (docs/games.md, "Speed").
@@ -652,6 +654,8 @@ def run_dynamics(
     tol: float | None = None,
     check_every: int = CHECK_EVERY,
     backend: str = "auto",
+    on_progress: Callable[[int, float], None] | None = None,
+    progress_every: int = PROGRESS_EVERY,
 ) -> Trajectory:
     """Run up to ``iterations`` population updates of ``solver`` on a batch of games at once.
 
@@ -668,6 +672,8 @@ def run_dynamics(
     to a cap of millions of iterations would otherwise hold by the gigabyte) for big batches and
     long runs. Everything is float64. ``backend``: small CPU
     batches run on numpy (``auto``) when the solver's update allows, else torch.
+    ``on_progress(iterations, worst gap)`` is called every ``progress_every`` iterations, so that
+    a run of millions of iterations can say how far it is.
     """
     dev = resolve_device(device)
     m = torch.as_tensor(np.asarray(matrices) if not isinstance(matrices, Tensor) else matrices)
@@ -684,7 +690,18 @@ def run_dynamics(
     recorder = _Recorder(m, pi_star, keep_policies, chosen == "numpy")
     with _threads_for(m, chosen), torch.no_grad():  # the dynamics never need gradients
         logp, done, round_ends, round_policies = _loop(
-            ops, recorder, p0, solver, reference, iterations, record_every, tol, check_every, keep_policies
+            ops,
+            recorder,
+            p0,
+            solver,
+            reference,
+            iterations,
+            record_every,
+            tol,
+            check_every,
+            keep_policies,
+            on_progress,
+            progress_every,
         )
     steps, metrics, policies = recorder.result()
     _check_finite(metrics["gap"], steps.tolist())
@@ -720,6 +737,8 @@ def _loop(
     tol: float | None,
     check_every: int,
     keep_rounds: bool,
+    on_progress: Callable[[int, float], None] | None,
+    progress_every: int,
 ) -> tuple[Any, int, list[int], list[Any]]:
     """The iterations themselves; ``(final log π, iterations run, round ends, round policies)``."""
     logp = ops.start(p0)
@@ -764,6 +783,8 @@ def _loop(
             recorder.add(done, logp)
         if stop:
             break
+        if on_progress is not None and done % progress_every == 0:
+            on_progress(done, ops.gap(logp))
     return logp, done, round_ends, round_policies
 
 

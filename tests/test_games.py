@@ -220,6 +220,24 @@ def test_engine_moves_the_reference_and_applies_the_strength_schedule():
     assert lean.policies is None
 
 
+def test_a_long_run_reports_its_progress():
+    seen = []
+    traj = run_dynamics(
+        np.array(PAPER3),
+        [0.2, 0.5, 0.3],
+        *build("inpo", "prox"),
+        350,
+        record_every=50,
+        device="cpu",
+        on_progress=lambda done, gap: seen.append((done, gap)),
+        progress_every=100,
+    )
+    assert [done for done, _ in seen] == [100, 200, 300]
+    recorded = dict(zip(traj.steps.tolist(), traj.metrics["gap"][:, 0].tolist(), strict=True))
+    for done, gap in seen:
+        assert gap == pytest.approx(recorded[done], rel=1e-12)
+
+
 def test_engine_batch_equals_separate_runs():
     rng = np.random.default_rng(1)
     upper = np.triu(rng.normal(0, 1, size=(3, 4, 4)), 1)

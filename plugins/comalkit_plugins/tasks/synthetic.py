@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,19 @@ log = logging.getLogger(__name__)
 LOG_POLICY_MAX_N = 16
 
 
-#: The default iteration cap of a method expected to converge: about 3x the most any of the 24
-#: seeded 20×20 games with interior Nash policies needed (7.1M), measured in docs/games.md
-#: ("Convergence"); a single game runs ~100,000 iterations a second, so the cap is a few minutes.
-CONVERGENT_CAP = 20_000_000
+#: The default iteration cap of a method expected to converge: random games with interior Nash
+#: policies have a heavy tail of slow ones, held-out games included (docs/games.md, "Convergence").
+#: A long run prints its gap every million iterations.
+CONVERGENT_CAP = 100_000_000
 #: The default cap of a method not expected to converge: its cycling or plateau shows by then.
 OTHER_CAP = 10_000
+
+
+def _log_progress(cap: int) -> Callable[[int, float], None]:
+    def report(done: int, gap: float) -> None:
+        log.info("iteration %s of at most %s: gap %.3g", f"{done:,}", f"{cap:,}", gap)
+
+    return report
 
 
 @plugin("task", "synthetic")
@@ -109,6 +117,7 @@ class SyntheticTask(Task):
             tol=tol,
             check_every=self.check_every,
             backend=self.backend,
+            on_progress=_log_progress(cap),
         )
         seconds = time.perf_counter() - started
         self._log_metrics(traj, run)
