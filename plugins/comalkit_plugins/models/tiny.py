@@ -121,30 +121,16 @@ def tiny_config(
 
 
 def tiny_causal_lm(
-    vocab_size: int | None = None,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int = 64,
-    max_position_embeddings: int = 512,
-    seed: int = 0,
-    dtype: str | torch.dtype = "float32",
+    vocab_size: int | None = None, seed: int = 0, dtype: str | torch.dtype = "float32", **shape: int
 ) -> tuple[Any, Any]:
-    """A randomly initialised ``LlamaForCausalLM`` (:func:`tiny_config`) and :func:`tiny_tokenizer`,
-    for fast tests. The same ``seed`` gives the same weights (the global RNG is left untouched).
+    """A randomly initialised ``LlamaForCausalLM`` (:func:`tiny_config`, which ``shape`` goes to)
+    and :func:`tiny_tokenizer`, for fast tests. The same ``seed`` gives the same weights (the
+    global RNG is left untouched).
     """
     from transformers import LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
-    config = tiny_config(
-        tokenizer,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-    )
+    config = tiny_config(tokenizer, vocab_size=vocab_size, **shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
