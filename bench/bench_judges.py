@@ -33,7 +33,7 @@ def rows_of(half: str) -> list[dict[str, Any]]:
     return load_check_set(half)
 
 
-MODEL_SCORES = ("likelihood", "unconditioned", "yes_no", "guided")
+MODEL_SCORES = ("likelihood", "unconditioned", "yes_no", "guided", "reverse")
 
 
 def judge_features(
@@ -49,6 +49,7 @@ def judge_features(
         "unconditioned": lambda r, pair: model.response_scores("", pair)[0],
         "yes_no": lambda r, pair: model.yes_no_scores(r["prompt"], pair, DEFAULT_QUESTION)[0],
         "guided": lambda r, pair: model.response_scores(r["prompt"], pair, DEFAULT_GUIDE)[0],
+        "reverse": lambda r, pair: model.reverse_scores(r["prompt"], pair)[0],
     }
     out: dict[str, list[float]] = {}
     for r in rows:
@@ -128,6 +129,10 @@ def report(p_first: torch.Tensor, p_second: torch.Tensor) -> dict[str, float]:
 
 S, G, TEXT = "smollm2", "gemma3-270m", "text"
 LU = ("likelihood", "unconditioned")
+#: likelihood + unconditioned + repetition: of SmolLM2, of Gemma, of both
+SLUR = [(S, "likelihood"), (S, "unconditioned"), (TEXT, "repetition")]
+GLUR = [(G, "likelihood"), (G, "unconditioned"), (TEXT, "repetition")]
+SGLUR = [(j, s) for j in (S, G) for s in LU] + [(TEXT, "repetition")]
 
 
 def linear_variants() -> list[tuple[str, list[tuple[str, str]]]]:
@@ -172,6 +177,28 @@ def linear_variants() -> list[tuple[str, list[tuple[str, str]]]]:
         (
             "smollm2 + gemma, likelihood + unconditioned + yes_no + repetition",
             [(j, s) for j in (S, G) for s in (*LU, "yes_no")] + [(TEXT, "repetition")],
+        ),
+        ("smollm2 reverse", [(S, "reverse")]),
+        ("gemma reverse", [(G, "reverse")]),
+        ("smollm2 + gemma reverse", [(S, "reverse"), (G, "reverse")]),
+        ("smollm2 likelihood + unconditioned + repetition + smollm2 reverse", [*SLUR, (S, "reverse")]),
+        ("smollm2 likelihood + unconditioned + repetition + gemma reverse", [*SLUR, (G, "reverse")]),
+        (
+            "smollm2 likelihood + unconditioned + repetition + smollm2 + gemma reverse",
+            [*SLUR, (S, "reverse"), (G, "reverse")],
+        ),
+        ("gemma likelihood + unconditioned + repetition + gemma reverse", [*GLUR, (G, "reverse")]),
+        (
+            "smollm2 + gemma, likelihood + unconditioned + repetition + smollm2 reverse",
+            [*SGLUR, (S, "reverse")],
+        ),
+        (
+            "smollm2 + gemma, likelihood + unconditioned + repetition + gemma reverse",
+            [*SGLUR, (G, "reverse")],
+        ),
+        (
+            "smollm2 + gemma, likelihood + unconditioned + repetition + smollm2 + gemma reverse",
+            [*SGLUR, (S, "reverse"), (G, "reverse")],
         ),
     ]
     return out

@@ -18,7 +18,7 @@ import torch
 from comalkit_plugins.models.tiny import tiny_causal_lm
 from comalkit_plugins.oracles.base import bradley_terry
 from comalkit_plugins.oracles.checks import injection_flips, load_check_set, pair_accuracy
-from comalkit_plugins.oracles.judge_lm import JudgeModel, assemble_gemma
+from comalkit_plugins.oracles.judge_lm import REVERSE_REQUEST, JudgeModel, assemble_gemma
 from comalkit_plugins.oracles.llm_judge import (
     CALIBRATED_TEMPERATURE,
     DEFAULT_GUIDE,
@@ -305,6 +305,18 @@ def test_likelihood_judge_matches_a_slow_reference(tiny_judge_dir: Path) -> None
     assert torch.allclose(unbatched, scores, atol=1e-5)
 
 
+def test_reverse_score_is_the_request_given_the_response(tiny_judge_dir: Path) -> None:
+    prompt, responses = "Capital of France?", ["Paris.", "It is Paris, the largest city of France.", ""]
+    model = JudgeModel.shared(str(tiny_judge_dir))
+    scores, truncated = model.reverse_scores(prompt, responses)
+    ref = [
+        reference_mean_logprob(model.model, model.tokenizer, REVERSE_REQUEST.format(response=r), prompt)
+        for r in responses
+    ]
+    assert truncated == 0 and scores.shape == (3,)
+    assert torch.allclose(scores.float(), torch.tensor(ref), atol=1e-5)
+
+
 def test_likelihood_win_matrix_scores_k_sequences(tiny_judge_dir: Path) -> None:
     judge = LlmJudge(judge=str(tiny_judge_dir), batch_size=16)
     model = judge.judge_model().model
@@ -556,17 +568,19 @@ def test_scorers_combine_linearly_into_the_bradley_terry_reward(tiny_judge_dir: 
     unconditioned = model.response_scores("", responses)[0]
     guided = model.response_scores(prompt, responses, DEFAULT_GUIDE)[0]
     yes_no = model.yes_no_scores(prompt, responses, DEFAULT_QUESTION)[0]
+    reverse = model.reverse_scores(prompt, responses)[0]
     repetition = torch.tensor([repetition_score(r) for r in responses], dtype=torch.float64)
     scorers = [
         {"judge": str(tiny_judge_dir), "score": "likelihood", "weight": 2.0},
         {"judge": str(tiny_judge_dir), "score": "pmi", "weight": -0.5},
         {"judge": str(tiny_judge_dir), "score": "guided", "weight": 0.25},
         {"judge": str(tiny_judge_dir), "score": "yes_no", "weight": 0.1},
+        {"judge": str(tiny_judge_dir), "score": "reverse", "weight": 0.7},
         {"score": "repetition", "weight": 3.0},
     ]
     judge = LlmJudge(scorers=scorers)
     expected = 2 * likelihood - 0.5 * (likelihood - unconditioned) + 0.25 * guided + 0.1 * yes_no
-    expected = expected + 3 * repetition
+    expected = expected + 0.7 * reverse + 3 * repetition
     assert torch.allclose(judge.rewards(prompt, responses), expected, atol=1e-9)
     m = judge.win_matrix(prompt, responses)
     assert_valid_win_matrix(m)

@@ -43,6 +43,9 @@ BUILTIN_JUDGES = ("smollm2", "gemma3-270m")
 #: The vLLM judge's context in tokens: a request of at most max_prompt_tokens (384) and
 #: max_response_tokens (256) with its framing fits; longer texts keep their end, as with hf.
 JUDGE_CONTEXT = 2048
+#: The request of ``score: reverse``: the judge reads a response and is asked for the question,
+#: whose tokens (the original prompt) are then scored (:meth:`JudgeModel.reverse_scores`).
+REVERSE_REQUEST = "Here is an answer:\n\n{response}\n\nWhat was the question?"
 
 
 def assemble_gemma() -> Path:
@@ -238,6 +241,32 @@ class JudgeModel:
         if truncated:
             log.warning("judge %s: %d response(s) truncated to %d tokens", self.name, truncated, limit)
         return self._mean_logprobs(prompt_ids, sequences, batch_size), truncated
+
+    def reverse_scores(
+        self,
+        prompt: str,
+        responses: Sequence[str],
+        system: str | None = None,
+        max_prompt_tokens: int = 384,
+        max_response_tokens: int = 256,
+        batch_size: int = 8,
+    ) -> tuple[Tensor, int]:
+        """Mean per-token log-prob of ``prompt`` given each response (:data:`REVERSE_REQUEST`),
+        and how many were truncated.
+
+        How well a response predicts the request it answers: an off-topic, evasive or refusing
+        answer explains the request worse than a direct one. Every response is scored on the same
+        tokens (the request's), so the score has no length bias. One forward pass per response.
+        """
+        values, truncated = [], 0
+        for response in responses:
+            user = REVERSE_REQUEST.format(response=self.clean(response))
+            value, cut = self.response_scores(
+                user, [prompt], system, max_prompt_tokens, max_response_tokens, batch_size
+            )
+            values.append(value[0])
+            truncated += cut
+        return torch.stack(values) if values else torch.empty(0, dtype=torch.float64), truncated
 
     def yes_no_scores(
         self,

@@ -5,8 +5,8 @@ sum of scores read from one or more frozen judge models, r(y) = Σ_k w_k s_k(y),
 P(a ≻ b) = σ((r(a) − r(b)) / T), a Bradley–Terry model (transitive, exactly antisymmetric).
 The scores (:data:`SCORES`) are per-token log-probabilities of y under a judge model, with the
 prompt (``likelihood``), without it (``unconditioned``; ``pmi`` is their difference), under a
-guiding system prompt (``guided``), a pointwise P(yes) question (``yes_no``), and one text
-statistic (``repetition``). Each distinct response is scored once per prompt, so a K×K win
+guiding system prompt (``guided``), a pointwise P(yes) question (``yes_no``), the prompt's
+log-probability given the response (``reverse``), and one text statistic (``repetition``). Each distinct response is scored once per prompt, so a K×K win
 matrix costs K scored sequences per score. The default weights were fitted by log-loss on the
 tuning half of the shipped check set and are reported on the held-out half (docs/oracles.md).
 
@@ -57,8 +57,9 @@ DEFAULT_QUESTION = (
 #: ``likelihood`` log p(y | x), ``unconditioned`` log p(y | empty request), ``pmi`` their
 #: difference, ``yes_no`` log P(yes) − log P(no) after the pointwise question; ``repetition``
 #: reads no model: :func:`repetition_score` of the text; ``guided`` is log p(y | x) with the
-#: guiding system prompt ``oracle.guide`` (against ``likelihood``, how much the guide raises y).
-SCORES = ("likelihood", "unconditioned", "pmi", "yes_no", "repetition", "guided")
+#: guiding system prompt ``oracle.guide`` (against ``likelihood``, how much the guide raises y);
+#: ``reverse`` log p(x | y), the request given the response (:meth:`JudgeModel.reverse_scores`).
+SCORES = ("likelihood", "unconditioned", "pmi", "yes_no", "repetition", "guided", "reverse")
 
 #: The system prompt of ``score: guided``.
 DEFAULT_GUIDE = (
@@ -70,11 +71,10 @@ DEFAULT_GUIDE = (
 #: chosen as the variant with the best leave-one-out log-loss on that half among those that
 #: include a judge other than the policy's own model (bench/bench_judges.py, docs/oracles.md).
 DEFAULT_SCORERS: list[dict[str, Any]] = [
-    {"judge": "smollm2", "score": "likelihood", "weight": 2.591},
-    {"judge": "smollm2", "score": "unconditioned", "weight": -1.071},
-    {"judge": "gemma3-270m", "score": "likelihood", "weight": 0.451},
-    {"judge": "gemma3-270m", "score": "unconditioned", "weight": -0.72},
-    {"score": "repetition", "weight": 2.119},
+    {"judge": "smollm2", "score": "likelihood", "weight": 2.265},
+    {"judge": "smollm2", "score": "unconditioned", "weight": -0.836},
+    {"score": "repetition", "weight": 2.251},
+    {"judge": "gemma3-270m", "score": "reverse", "weight": 1.785},
 ]
 
 #: T of σ(Δs / T) for one built-in scorer (``oracle.judge=...``): 1 / the weight fitted by
@@ -239,6 +239,8 @@ class LlmJudge(JudgeModelSettings, PreferenceOracle):
                     values, cut = model.yes_no_scores(prompt, responses, self.question, *settings)
                 elif score == "guided":
                     values, cut = model.response_scores(prompt, responses, self.guide, *settings[1:])
+                elif score == "reverse":
+                    values, cut = model.reverse_scores(prompt, responses, *settings)
                 else:
                     values, cut = model.response_scores(
                         prompt if score == "likelihood" else "", responses, *settings
