@@ -38,6 +38,27 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}") from None
 
 
+def model_source(path: str | os.PathLike[str], gguf_file: str | None = None) -> Path:
+    """What ``path`` (and ``gguf_file`` inside it) names: a ``.gguf`` file or a directory.
+
+    Raises:
+        ModelError: it does not exist, or it is a file but not a ``.gguf`` file.
+    """
+    source = Path(path).expanduser()
+    if gguf_file is not None:
+        source = source / gguf_file
+    if not source.exists():
+        raise ModelError(
+            f"model path '{source}' does not exist; expected a Hugging Face model directory "
+            f"(with config.json) or a .gguf file"
+        )
+    if source.is_file() and source.suffix.lower() != ".gguf":
+        raise ModelError(
+            f"model path '{source}' is a file but not a .gguf file; pass a model directory or a GGUF file"
+        )
+    return source
+
+
 def load_causal_lm(
     path: str | os.PathLike[str],
     gguf_file: str | None = None,
@@ -62,19 +83,8 @@ def load_causal_lm(
         ModelError: ``path`` (or the GGUF file) does not exist, a directory is not a Hugging
             Face model directory, or a file in it is corrupt (:func:`check_model_dir`).
     """
-    source = Path(path).expanduser()
-    if gguf_file is not None:
-        source = source / gguf_file
-    if not source.exists():
-        raise ModelError(
-            f"model path '{source}' does not exist; expected a Hugging Face model directory "
-            f"(with config.json) or a .gguf file"
-        )
+    source = model_source(path, gguf_file)
     if source.is_file():
-        if source.suffix.lower() != ".gguf":
-            raise ModelError(
-                f"model path '{source}' is a file but not a .gguf file; pass a model directory or a GGUF file"
-            )
         source = converted_gguf_dir(source)
     check_model_dir(source)
     model, tokenizer = _load_hf_dir(source, resolve_dtype(dtype))
@@ -91,10 +101,8 @@ def load_config(path: str | os.PathLike[str], gguf_file: str | None = None) -> A
     """
     from transformers import AutoConfig
 
-    source = Path(path).expanduser()
-    if gguf_file is not None:
-        source = source / gguf_file
-    if source.is_file() and source.suffix.lower() == ".gguf":
+    source = model_source(path, gguf_file)
+    if source.is_file():
         converted = cached_gguf_dir(source.resolve())
         if not (converted / "config.json").is_file():
             with quiet_progress_bars():

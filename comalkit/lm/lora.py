@@ -66,8 +66,7 @@ def check_target_modules(lora: LoraSettings, config: Any) -> None:
         raise ConfigError(
             f"model.lora.target_modules={list(lora.target_modules)}: {', '.join(map(repr, missing))} "
             f"{verb} no module of this {config.model_type} model; its layers that LoRA can adapt are "
-            f"{adaptable} "
-            f"(or use {ALL_LINEAR!r})"
+            f"{adaptable} (or use {ALL_LINEAR!r})"
         )
 
 

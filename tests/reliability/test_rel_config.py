@@ -98,9 +98,16 @@ def test_bad_value_is_refused_before_any_file(overrides, needle, tmp_path, monke
 
 @pytest.mark.parametrize(
     ("overrides", "needle"),
-    [(["model=hf"], "model=hf needs model.path"), (["model=hf", "model.path=/nope"], "model.path='/nope'")],
+    [
+        (["model=hf"], "model=hf needs model.path"),
+        (["model=hf", "model.path=/nope"], "model.path='/nope'"),
+        (["model=hf", "model.path={text}"], "is a file but not a .gguf file"),
+    ],
 )
 def test_a_model_without_its_files_is_refused_before_any_file(overrides, needle, tmp_path, monkeypatch):
+    text = tmp_path.parent / f"{tmp_path.name}-notes.txt"  # a file that is not a model
+    text.write_text("not a model")
+    overrides = [o.format(text=text) for o in overrides]
     monkeypatch.chdir(tmp_path)
     code, stderr = config_failure(overrides)
     assert code == 2

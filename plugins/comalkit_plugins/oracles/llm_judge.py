@@ -6,8 +6,9 @@ P(a ≻ b) = σ((r(a) − r(b)) / T), a Bradley–Terry model (transitive, exact
 The scores (:data:`SCORES`) are per-token log-probabilities of y under a judge model, with the
 prompt (``likelihood``), without it (``unconditioned``; ``pmi`` is their difference), under a
 guiding system prompt (``guided``), a pointwise P(yes) question (``yes_no``), the prompt's
-log-probability given the response (``reverse``), and one text statistic (``repetition``). Each distinct response is scored once per prompt, so a K×K win
-matrix costs K scored sequences per score. The default weights were fitted by log-loss on the
+log-probability given the response (``reverse``), and one text statistic (``repetition``).
+Each distinct response is scored once per prompt, so a K×K win matrix costs K scored sequences
+per score. The default weights were fitted by log-loss on the
 tuning half of the shipped check set and are reported on the held-out half (docs/oracles.md).
 
 ``prompted``: the judge reads both responses, quoted between delimiters in a template, and
