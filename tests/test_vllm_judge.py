@@ -29,8 +29,7 @@ def test_engine_is_a_validated_judge_setting():
         validate(compose(["oracle=llm_judge", "oracle.engine=onnx"]))
 
 
-@pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is missing")
-def test_vllm_engine_without_vllm_says_how_to_install():
+def test_vllm_engine_without_vllm_says_how_to_install(without_vllm):
     with pytest.raises(ConfigError, match="pip install vllm"):
         LlmJudge(judge="smollm2", engine="vllm")
 

@@ -104,8 +104,10 @@ def test_bad_value_is_refused_before_any_file(overrides, needle, tmp_path, monke
         (["model=hf", "model.path={text}"], "is a file but not a .gguf file"),
     ],
 )
-def test_a_model_without_its_files_is_refused_before_any_file(overrides, needle, tmp_path, monkeypatch):
-    text = tmp_path.parent / f"{tmp_path.name}-notes.txt"  # a file that is not a model
+def test_a_model_without_its_files_is_refused_before_any_file(
+    overrides, needle, tmp_path, tmp_path_factory, monkeypatch
+):
+    text = tmp_path_factory.mktemp("not-a-model") / "notes.txt"  # outside tmp_path, which must stay empty
     text.write_text("not a model")
     overrides = [o.format(text=text) for o in overrides]
     monkeypatch.chdir(tmp_path)
